@@ -1,0 +1,692 @@
+package gvisor
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
+	"github.com/cellos/cellos-host-gvisor/internal/follow"
+	"github.com/cellos/cellos-host-gvisor/internal/proc"
+)
+
+// Backend runs cells under gVisor's runsc. It is safe for concurrent use.
+type Backend struct {
+	opts  options
+	log   *zap.Logger
+	host  []HostEntry       // the host system paths cells without rootfs see
+	cg    *cgroups.Manager  // nil when no cgroup hierarchy is mounted
+	cells *tracker
+	root  bool // the library runs as root
+}
+
+var _ cellos.CellBackend = (*Backend)(nil)
+
+// Bounds on teardown steps, so that a hung runsc cannot hang Destroy.
+const (
+	runscTimeout   = 15 * time.Second
+	shimExitGrace  = 10 * time.Second
+	cgroupRmTimout = 5 * time.Second
+)
+
+// New returns a Backend. It does not look for runsc: that happens at every Create, so that the
+// environment overrides apply.
+func New(opts ...Option) (*Backend, error) {
+	o := options{outputCap: DefaultOutputCap}
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, fmt.Errorf("gvisor.New: %w", err)
+		}
+	}
+	if o.logger == nil {
+		o.logger = zap.NewNop()
+	}
+	b := &Backend{opts: o, log: o.logger, host: ProbeHostSystem(), cells: newTracker(), root: os.Geteuid() == 0}
+	if cg, err := cgroups.Detect(); err == nil && cg.Available() {
+		b.cg = cg
+	}
+	return b, nil
+}
+
+// location is where cells live for one operation: the runsc to use and the bundle root.
+type location struct {
+	runsc    *runsc
+	root     string
+	runscErr error // why runsc cannot be used; management of leftovers goes on without it
+}
+
+// locate resolves the environment overrides and the options.
+func (b *Backend) locate() location {
+	root := os.Getenv(EnvBundleRoot)
+	if root == "" {
+		root = b.opts.bundleRoot
+	}
+	if root == "" {
+		root = filepath.Join(os.TempDir(), "cellos-gvisor")
+	}
+	if abs, err := filepath.Abs(root); err == nil {
+		root = abs
+	}
+	state := b.opts.stateRoot
+	if state == "" {
+		state = filepath.Join(root, ".runsc")
+	}
+	bin := os.Getenv(EnvRunscBin)
+	if bin == "" {
+		bin = b.opts.runscPath
+	}
+	if bin == "" {
+		bin = "runsc"
+	}
+	loc := location{root: root, runsc: &runsc{Root: state, Platform: b.opts.platform, Rootless: !b.root, Extra: b.opts.runscFlags}}
+	path, err := exec.LookPath(bin)
+	if err == nil {
+		path, err = filepath.Abs(path)
+	}
+	if err != nil {
+		loc.runscErr = fmt.Errorf("runsc binary %q: %w (install it with `apt-get install runsc`, or set %s)", bin, err, EnvRunscBin)
+	}
+	loc.runsc.Path = path
+	return loc
+}
+
+func (b *Backend) newCell(id string, loc location) *cell {
+	return &cell{
+		id:     id,
+		paths:  cellPaths{root: loc.root, bundle: filepath.Join(loc.root, id), runscID: RunscID(loc.root, id)},
+		runsc:  loc.runsc,
+		ready:  make(chan struct{}),
+		exited: make(chan struct{}),
+	}
+}
+
+// Create validates doc, writes the cell's bundle, starts runsc under a shim and returns. ctx
+// bounds Create only. On any failure nothing of the cell is left on the host.
+func (b *Backend) Create(ctx context.Context, doc *cellos.ExecutionCellDocument) (cellos.CellHandle, error) {
+	const op = "create"
+	if err := doc.Validate(); err != nil {
+		return cellos.CellHandle{}, relabel(err, op)
+	}
+	s := &doc.Spec
+	if err := b.supports(s); err != nil {
+		return cellos.CellHandle{}, cellos.NewError(op, s.ID, cellos.ErrUnsupported, err)
+	}
+	if err := b.checkHost(s); err != nil {
+		return cellos.CellHandle{}, relabel(err, op)
+	}
+	loc := b.locate()
+	if loc.runscErr != nil {
+		return cellos.CellHandle{}, cellos.NewError(op, s.ID, cellos.ErrHost, loc.runscErr)
+	}
+	c := b.newCell(s.ID, loc)
+	if other := b.cells.claim(c); other != nil {
+		return cellos.CellHandle{}, cellos.Errorf(op, s.ID, cellos.ErrAlreadyExists, "a cell with this id is tracked or being torn down")
+	}
+	start := time.Now()
+	err := b.create(ctx, c, doc)
+	if err != nil {
+		b.cells.release(c)
+		close(c.ready)
+		b.log.Info("cell create failed", zap.String("cell", s.ID), zap.Error(err))
+		return cellos.CellHandle{}, relabel(err, op)
+	}
+	c.created = true
+	close(c.ready)
+	b.log.Info("cell created", zap.String("cell", s.ID), zap.String("runscId", c.paths.runscID),
+		zap.String("bundle", c.paths.bundle), zap.Int("shimPid", c.pid.Pid), zap.Duration("took", time.Since(start)))
+	return c.handle, nil
+}
+
+// supports refuses what this backend cannot enforce.
+func (b *Backend) supports(s *cellos.CellSpec) error {
+	if s.Resources != nil && s.Resources.Pids > 0 {
+		return cellos.FieldError{Field: "spec.resources.pids",
+			Reason: "a pids limit is not supported: runsc counts its own threads against it and the sandbox breaks; use 0"}
+	}
+	if s.Network != nil && len(s.Network.Egress) > 0 {
+		return cellos.FieldError{Field: "spec.network.egress",
+			Reason: "egress rules are not enforced by this backend yet, so they are refused; cells get loopback only"}
+	}
+	return nil
+}
+
+// checkHost checks what the document asks of the host, before anything is written.
+func (b *Backend) checkHost(s *cellos.CellSpec) error {
+	var errs cellos.FieldErrors
+	host := false
+	if r := s.Rootfs; r != nil {
+		if fi, err := os.Stat(r.Path); err != nil {
+			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: statReason(err)})
+		} else if !fi.IsDir() {
+			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: fmt.Sprintf("%q is not a directory", r.Path)})
+		} else if err := checkImagePath(r.Path); err != nil {
+			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: err.Error()})
+		} else if !b.root {
+			host = true
+			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: "an image root needs an overlay mount, which needs root"})
+		}
+	}
+	for i, m := range s.Mounts {
+		if m.Type != cellos.MountBind {
+			continue
+		}
+		if _, err := os.Stat(m.Source); err != nil {
+			errs = append(errs, cellos.FieldError{Field: fmt.Sprintf("spec.mounts[%d].source", i), Reason: statReason(err)})
+		}
+	}
+	if s.WantsCgroups() && (b.cg == nil || !b.root) {
+		host = true
+		errs = append(errs, cellos.FieldError{Field: "spec.resources",
+			Reason: "memory and CPU limits need cgroups, which need root and a mounted cgroup hierarchy"})
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	kind := cellos.ErrInvalidSpec
+	if host {
+		kind = cellos.ErrHost
+	}
+	return &cellos.Error{Op: "create", CellID: s.ID, Kind: kind, Err: errs}
+}
+
+func statReason(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return fmt.Sprintf("%q: %v", pe.Path, pe.Err)
+	}
+	return err.Error()
+}
+
+// create does the work of Create once the id is claimed.
+func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument) (err error) {
+	s, p := &doc.Spec, c.paths
+	fail := func(kind error, format string, args ...any) error {
+		return cellos.Errorf("create", s.ID, kind, format, args...)
+	}
+	if files := c.runsc.stateFiles(p.runscID); len(files) > 0 {
+		return fail(cellos.ErrAlreadyExists, "runsc still holds state of an earlier cell with this id (%s); Destroy or Recover removes it", files[0])
+	}
+	wantsCg := s.WantsCgroups()
+	if wantsCg {
+		if dirs := b.cg.Dirs(s.ID); len(dirs) > 0 {
+			return fail(cellos.ErrAlreadyExists, "cgroup %s exists; Destroy or Recover removes it", dirs[0])
+		}
+	}
+	if err := os.MkdirAll(p.root, 0o711); err != nil {
+		return fail(cellos.ErrHost, "bundle root: %w", err)
+	}
+	if err := os.MkdirAll(c.runsc.Root, 0o700); err != nil {
+		return fail(cellos.ErrHost, "runsc state root: %w", err)
+	}
+	if err := os.Mkdir(p.bundle, 0o700); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fail(cellos.ErrAlreadyExists, "%s exists; Destroy or Recover removes it", p.bundle)
+		}
+		return fail(cellos.ErrHost, "bundle directory: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			if cerr := b.undoCreate(c, wantsCg); cerr != nil {
+				b.log.Error("cleaning up after a failed create", zap.String("cell", s.ID), zap.Error(cerr))
+			}
+		}
+	}()
+	if err := b.writeBundle(c, doc, wantsCg); err != nil {
+		return fail(cellos.ErrHost, "writing the bundle: %w", err)
+	}
+	if wantsCg {
+		if err := b.cg.Create(s.ID, cgroups.Limits{MemoryBytes: s.Resources.MemoryBytes, CPUMillis: s.Resources.CPUMillis}); err != nil {
+			return fail(cellos.ErrHost, "cgroups: %w", err)
+		}
+		c.memory = b.cg.MemoryDir(s.ID)
+		cgPath := cgroups.Path(s.ID)
+		c.handle.CgroupPath = &cgPath
+	}
+	flags := cellFlags{Log: filepath.Join(p.bundle, fileRunscLog), IgnoreCgroups: !wantsCg, Overlay: "none"}
+	if s.Rootfs != nil && s.Rootfs.Writable {
+		flags.Overlay = "root:memory"
+	}
+	cfg := shimConfig{CellID: s.ID, RunscID: p.runscID, Runsc: *c.runsc, Flags: flags,
+		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, MemoryCgroup: c.memory}
+	if err := writeJSONAtomic(filepath.Join(p.bundle, fileShim), cfg); err != nil {
+		return fail(cellos.ErrHost, "writing the shim config: %w", err)
+	}
+	if err := b.startShim(ctx, c); err != nil {
+		return err
+	}
+	c.handle.CellID = s.ID
+	b.startWatching(c)
+	return nil
+}
+
+// writeBundle writes config.json, the root and the empty output files.
+func (b *Backend) writeBundle(c *cell, doc *cellos.ExecutionCellDocument, wantsCg bool) error {
+	s, bundle := &doc.Spec, c.paths.bundle
+	rootfs := filepath.Join(bundle, dirRootfs)
+	if err := os.Mkdir(rootfs, 0o755); err != nil {
+		return err
+	}
+	if s.Rootfs == nil {
+		if err := writeRootfs(rootfs, s, b.host); err != nil {
+			return err
+		}
+	} else if err := mountImage(bundle, s.Rootfs.Path); err != nil {
+		return err
+	}
+	in := SpecInputs{HostSystem: b.host}
+	if wantsCg {
+		in.CgroupsPath = cgroups.Path(s.ID)
+	}
+	data, err := MarshalSpec(BuildSpec(doc, in))
+	if err != nil {
+		return err
+	}
+	if err := writeExclusive(filepath.Join(bundle, fileConfig), data, 0o644); err != nil {
+		return err
+	}
+	for _, name := range []string{fileStdout, fileStderr, fileRunscLog, fileShimLog} {
+		if err := writeExclusive(filepath.Join(bundle, name), nil, 0o640); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeExclusive(path string, data []byte, perm os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, perm)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// startShim starts the shim and waits until it has started runsc (or failed to).
+func (b *Backend) startShim(ctx context.Context, c *cell) error {
+	id, bundle := c.id, c.paths.bundle
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return cellos.NewError("create", id, cellos.ErrHost, err)
+	}
+	defer readyR.Close()
+	logf, err := os.OpenFile(filepath.Join(bundle, fileShimLog), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		_ = readyW.Close()
+		return cellos.NewError("create", id, cellos.ErrHost, err)
+	}
+	cmd := &exec.Cmd{
+		Path:        "/proc/self/exe",
+		Args:        []string{shimArgv0, bundle},
+		Env:         append(shimChildEnv(), shimEnv+"=1"),
+		Dir:         bundle,
+		Stderr:      logf,
+		ExtraFiles:  []*os.File{readyW},
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	err = cmd.Start()
+	_ = readyW.Close()
+	_ = logf.Close()
+	if err != nil {
+		return cellos.Errorf("create", id, cellos.ErrHost, "starting the shim: %w", err)
+	}
+	c.shim = cmd
+
+	line := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(io.LimitReader(readyR, 64<<10)).ReadString('\n')
+		line <- strings.TrimSpace(s)
+	}()
+	var msg string
+	select {
+	case msg = <-line:
+	case <-ctx.Done():
+		_ = readyR.Close()
+		return cellos.NewError("create", id, cellos.ErrHost, fmt.Errorf("waiting for runsc to start: %w", ctx.Err()))
+	}
+	switch {
+	case msg == "ok":
+	case strings.HasPrefix(msg, "error: "):
+		return cellos.Errorf("create", id, cellos.ErrHost, "%s", strings.TrimPrefix(msg, "error: "))
+	default:
+		return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(filepath.Join(bundle, fileShimLog)))
+	}
+	if err := readJSON(filepath.Join(bundle, fileShimPid), &c.pid); err != nil {
+		return cellos.NewError("create", id, cellos.ErrHost, err)
+	}
+	return nil
+}
+
+// startWatching follows the output (WithOutput) and waits for the shim in the background.
+func (b *Backend) startWatching(c *cell) {
+	if b.opts.output != nil {
+		stdout, stderr := b.opts.output(c.id)
+		f, err := follow.Start([]follow.Stream{
+			{Path: filepath.Join(c.paths.bundle, fileStdout), To: stdout},
+			{Path: filepath.Join(c.paths.bundle, fileStderr), To: stderr},
+		})
+		if err != nil {
+			b.log.Warn("cannot follow the cell's output", zap.String("cell", c.id), zap.Error(err))
+		}
+		c.follower = f
+	}
+	go b.watch(c)
+}
+
+// watch waits for the shim to exit and publishes the cell's exit status.
+func (b *Backend) watch(c *cell) {
+	b.awaitShim(context.Background(), c)
+	status, err := b.readExit(c)
+	if c.follower != nil {
+		c.follower.Stop()
+	}
+	if b.cells.isDestroying(c) {
+		status, err = destroyedStatus, nil
+	}
+	c.status, c.waitErr = status, err
+	close(c.exited)
+	b.log.Info("cell exited", zap.String("cell", c.id), zap.Int("code", status.Code),
+		zap.String("reason", string(status.Reason)), zap.Error(err))
+}
+
+// destroyedStatus is what waiters on a destroyed cell get: it was killed by SIGKILL.
+var destroyedStatus = cellos.ExitStatus{Code: 128 + int(syscall.SIGKILL), Signal: int(syscall.SIGKILL), Reason: cellos.ExitDestroyed}
+
+// awaitShim blocks until the cell's shim has exited (and reaps it when it is our child).
+func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
+	if h, err := openShim(c.pid, c.paths.bundle); err == nil {
+		err = h.Wait(ctx)
+		_ = h.Close()
+		if err != nil {
+			return err
+		}
+	}
+	if c.shim != nil {
+		_ = c.shim.Wait()
+	}
+	return nil
+}
+
+// openShim returns a handle on the shim recorded in pid, after checking that the process is that
+// shim (same start time, same command line), or os.ErrProcessDone.
+func openShim(pid pidRecord, bundle string) (*proc.Handle, error) {
+	if pid.Pid <= 0 {
+		return nil, os.ErrProcessDone
+	}
+	h, err := proc.Open(pid.Pid)
+	if err != nil {
+		return nil, err
+	}
+	if !pid.alive() || !isShimOf(pid.Pid, bundle) {
+		_ = h.Close()
+		return nil, os.ErrProcessDone
+	}
+	return h, nil
+}
+
+func isShimOf(pid int, bundle string) bool {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && string(cmdline) == shimArgv0+"\x00"+bundle+"\x00"
+}
+
+// readExit reads the exit record the shim left.
+func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
+	var rec exitRecord
+	if err := readJSON(filepath.Join(c.paths.bundle, fileExit), &rec); err != nil {
+		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost,
+			"the cell's shim ended without recording an exit status (%v); shim log: %s", err, tail(filepath.Join(c.paths.bundle, fileShimLog)))
+	}
+	for name, st := range map[string]streamRecord{"stdout": rec.Stdout, "stderr": rec.Stderr} {
+		if st.Truncated {
+			b.log.Warn("cell output reached its cap and was truncated", zap.String("cell", c.id),
+				zap.String("stream", name), zap.Int64("kept", st.Bytes), zap.Int64("dropped", st.Dropped))
+		}
+		if st.Error != "" {
+			b.log.Error("writing cell output failed", zap.String("cell", c.id), zap.String("stream", name), zap.String("error", st.Error))
+		}
+	}
+	if rec.Error != "" {
+		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost, "runsc failed (%s): %s", rec.Runsc, rec.Error)
+	}
+	return rec.Status, nil
+}
+
+// tail returns the last lines of a small log file, for error messages.
+func tail(path string) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "(unreadable: " + err.Error() + ")"
+	}
+	s := strings.TrimSpace(string(data))
+	if len(s) > 2000 {
+		s = "..." + s[len(s)-2000:]
+	}
+	if s == "" {
+		return "(empty)"
+	}
+	return s
+}
+
+// WaitForExit blocks until the cell has exited or ctx is done, and returns how it ended. Every
+// caller gets the same status until Destroy. When runsc itself failed, the error wraps ErrHost
+// and carries runsc's message. When ctx ends the wait, the error wraps ctx.Err() (and ErrHost,
+// the kind every error needs); the cell goes on.
+func (b *Backend) WaitForExit(ctx context.Context, cellID string) (cellos.ExitStatus, error) {
+	const op = "wait"
+	if err := cellos.CheckID(op, cellID); err != nil {
+		return cellos.ExitStatus{}, err
+	}
+	c := b.cells.get(cellID)
+	if c == nil {
+		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrNotTracked, "no such cell in this backend")
+	}
+	select {
+	case <-c.ready:
+	case <-ctx.Done():
+		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, ctx.Err())
+	}
+	if !c.created {
+		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrNotTracked, "no such cell in this backend")
+	}
+	select {
+	case <-c.exited:
+		if c.waitErr != nil {
+			return cellos.ExitStatus{}, c.waitErr
+		}
+		return c.status, nil
+	case <-ctx.Done():
+		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, ctx.Err())
+	}
+}
+
+// Destroy kills the cell if it runs and removes everything of it: the shim and runsc (SIGKILL),
+// runsc's state, the cell's cgroups and its bundle directory. It works on cells this Backend does
+// not track (runsc's state and the bundle root are the truth) and is idempotent. Report.Destroyed
+// is true only when nothing of the cell is left. Destroy finishes its teardown even when ctx is
+// cancelled (every step has its own bound); ctx bounds only waiting for another Destroy of the
+// same cell.
+func (b *Backend) Destroy(ctx context.Context, h cellos.CellHandle) (cellos.TeardownReport, error) {
+	const op = "destroy"
+	id := h.CellID
+	if err := cellos.CheckID(op, id); err != nil {
+		return cellos.TeardownReport{CellID: id}, err
+	}
+	placeholder := b.newCell(id, b.locate())
+	close(placeholder.ready)
+	c := b.cells.claim(placeholder)
+	if c == nil {
+		c = placeholder
+	}
+	done, first := b.cells.beginTeardown(c)
+	if !first {
+		select {
+		case <-done:
+			return c.report, c.destroyErr
+		case <-ctx.Done():
+			return cellos.TeardownReport{CellID: id, PeersTrackedAfter: b.cells.count()},
+				cellos.NewError(op, id, cellos.ErrHost, fmt.Errorf("waiting for a concurrent destroy: %w", ctx.Err()))
+		}
+	}
+	<-c.ready
+	start := time.Now()
+	err := b.teardown(c)
+	report := cellos.TeardownReport{CellID: id, Destroyed: err == nil, PeersTrackedAfter: b.cells.release(c)}
+	if err != nil {
+		err = cellos.NewError(op, id, cellos.ErrHost, err)
+	}
+	c.report, c.destroyErr = report, err
+	close(done)
+	b.log.Info("cell destroyed", zap.String("cell", id), zap.Bool("destroyed", report.Destroyed),
+		zap.Duration("took", time.Since(start)), zap.Error(err))
+	return report, err
+}
+
+// teardown removes everything of c and checks that nothing is left. Errors list what remains.
+func (b *Backend) teardown(c *cell) error {
+	p := c.paths
+	var errs []error
+	fi, lerr := os.Lstat(p.bundle)
+	bundleIsDir := lerr == nil && fi.IsDir()
+
+	pid := c.pid
+	if !c.created && bundleIsDir {
+		_ = readJSON(filepath.Join(p.bundle, fileShimPid), &pid)
+	}
+	shim, _ := openShim(pid, p.bundle)
+	if shim != nil {
+		defer shim.Close()
+	}
+	if shim != nil || len(c.runsc.stateFiles(p.runscID)) > 0 {
+		if err := b.forceDelete(c); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if shim != nil {
+		if err := waitOrKill(shim, pid.Pid); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.created {
+		select {
+		case <-c.exited:
+		case <-time.After(shimExitGrace):
+			errs = append(errs, errors.New("the cell's watcher did not finish"))
+		}
+	}
+	if left := c.runsc.stateFiles(p.runscID); len(left) > 0 {
+		// runsc run was killed before it could clean up, or the first delete raced its exit.
+		if err := b.forceDelete(c); err != nil {
+			errs = append(errs, err)
+		}
+		if left := c.runsc.stateFiles(p.runscID); len(left) > 0 {
+			errs = append(errs, fmt.Errorf("runsc state left: %s", strings.Join(left, ", ")))
+		}
+	}
+	if b.cg != nil {
+		if left, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
+			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
+		}
+	}
+	if lerr == nil {
+		if err := removeBundle(p.bundle, bundleIsDir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (b *Backend) forceDelete(c *cell) error {
+	if c.runsc.Path == "" {
+		return fmt.Errorf("cannot delete the runsc container: %w", b.locate().runscErr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
+	defer cancel()
+	return c.runsc.Delete(ctx, c.paths.runscID)
+}
+
+// waitOrKill waits for the shim to exit once runsc's container is gone; if it does not, it kills
+// the shim's process group (the shim and runsc run; the sandbox is gone with the container).
+func waitOrKill(h *proc.Handle, pid int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), shimExitGrace)
+	defer cancel()
+	if h.Wait(ctx) == nil {
+		return nil
+	}
+	_ = syscall.Kill(-pid, syscall.SIGKILL)
+	ctx2, cancel2 := context.WithTimeout(context.Background(), shimExitGrace)
+	defer cancel2()
+	if err := h.Wait(ctx2); err != nil {
+		return fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid)
+	}
+	return nil
+}
+
+// undoCreate removes what a failed Create made.
+func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
+	var errs []error
+	if c.shim != nil && c.shim.Process != nil {
+		_ = syscall.Kill(-c.shim.Process.Pid, syscall.SIGKILL)
+		_ = c.shim.Wait()
+	}
+	if len(c.runsc.stateFiles(c.paths.runscID)) > 0 {
+		if err := b.forceDelete(c); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if wantsCg && b.cg != nil {
+		if _, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := removeBundle(c.paths.bundle, true); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// relabel sets the operation of a port error to op.
+func relabel(err error, op string) error {
+	var e *cellos.Error
+	if errors.As(err, &e) {
+		e.Op = op
+	}
+	return err
+}
+
+// Config returns the config.json that Create would write for doc, after the same checks, without
+// touching the host.
+func (b *Backend) Config(doc *cellos.ExecutionCellDocument) ([]byte, error) {
+	const op = "config"
+	if err := doc.Validate(); err != nil {
+		return nil, relabel(err, op)
+	}
+	s := &doc.Spec
+	if err := b.supports(s); err != nil {
+		return nil, cellos.NewError(op, s.ID, cellos.ErrUnsupported, err)
+	}
+	if err := b.checkHost(s); err != nil {
+		return nil, relabel(err, op)
+	}
+	in := SpecInputs{HostSystem: b.host}
+	if s.WantsCgroups() {
+		in.CgroupsPath = cgroups.Path(s.ID)
+	}
+	data, err := MarshalSpec(BuildSpec(doc, in))
+	if err != nil {
+		return nil, cellos.NewError(op, s.ID, cellos.ErrHost, err)
+	}
+	return data, nil
+}

@@ -1,0 +1,96 @@
+package gvisor
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// mountImage makes <bundle>/rootfs an overlay of the image directory with an upper layer on a
+// small tmpfs of the bundle's own. runsc creates mount points inside the root it is given, even a
+// read-only one; they land in the upper layer, never in the image.
+func mountImage(bundle, image string) error {
+	ov := filepath.Join(bundle, dirOverlay)
+	if err := os.Mkdir(ov, 0o700); err != nil {
+		return err
+	}
+	if err := unix.Mount("tmpfs", ov, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=16m,mode=0700"); err != nil {
+		return fmt.Errorf("mounting the overlay's tmpfs: %w", err)
+	}
+	upper, work := filepath.Join(ov, "upper"), filepath.Join(ov, "work")
+	for _, d := range []string{upper, work} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			return err
+		}
+	}
+	opts := "lowerdir=" + image + ",upperdir=" + upper + ",workdir=" + work
+	if err := unix.Mount("overlay", filepath.Join(bundle, dirRootfs), "overlay", 0, opts); err != nil {
+		return fmt.Errorf("mounting the image %s as an overlay: %w", image, err)
+	}
+	return nil
+}
+
+// mountsUnder lists the mount points at or below dir in this mount namespace, deepest first.
+func mountsUnder(dir string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		mp := unescapeMount(fields[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	slices.SortFunc(out, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	return out, sc.Err()
+}
+
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
+}
+
+// removeBundle deletes a bundle directory after unmounting whatever is mounted inside it; it
+// refuses to delete while a mount remains, since that would delete the image behind it. An
+// entry that is not a directory (a planted symlink) is removed without being followed.
+func removeBundle(bundle string, isDir bool) error {
+	if !isDir {
+		if err := os.Remove(bundle); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	mounts, err := mountsUnder(bundle)
+	if err != nil {
+		return err
+	}
+	for _, m := range mounts {
+		if err := unix.Unmount(m, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("unmounting %s: %w", m, err)
+		}
+	}
+	if left, err := mountsUnder(bundle); err != nil || len(left) > 0 {
+		return fmt.Errorf("not removing %s: still mounted inside it: %v %v", bundle, left, err)
+	}
+	if err := os.RemoveAll(bundle); err != nil {
+		return fmt.Errorf("removing the bundle: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,139 @@
+package gvisor
+
+import (
+	"fmt"
+	"io"
+	"strings"
+
+	"go.uber.org/zap"
+)
+
+// Environment variables consulted at every Create (and Destroy, WaitForExit, Recover); they beat
+// the options, so tests and operators can point a running program at another runsc or root.
+const (
+	EnvRunscBin   = "CELLOS_GVISOR_RUNSC_BIN"
+	EnvBundleRoot = "CELLOS_GVISOR_BUNDLE_ROOT"
+)
+
+// DefaultOutputCap bounds what is kept of each of a cell's output streams.
+const DefaultOutputCap = 64 << 20
+
+// Option configures a Backend.
+type Option func(*options) error
+
+type options struct {
+	runscPath  string
+	bundleRoot string
+	stateRoot  string
+	platform   string
+	runscFlags []string
+	logger     *zap.Logger
+	output     func(cellID string) (stdout, stderr io.Writer)
+	outputCap  int64
+}
+
+// WithRunscPath sets the runsc binary (default: "runsc" on $PATH). CELLOS_GVISOR_RUNSC_BIN
+// overrides it.
+func WithRunscPath(path string) Option {
+	return func(o *options) error {
+		if path == "" {
+			return fmt.Errorf("WithRunscPath: empty path")
+		}
+		o.runscPath = path
+		return nil
+	}
+}
+
+// WithBundleRoot sets the directory that holds one bundle directory per cell (default
+// ${TMPDIR:-/tmp}/cellos-gvisor). CELLOS_GVISOR_BUNDLE_ROOT overrides it.
+func WithBundleRoot(dir string) Option {
+	return func(o *options) error {
+		if dir == "" {
+			return fmt.Errorf("WithBundleRoot: empty path")
+		}
+		o.bundleRoot = dir
+		return nil
+	}
+}
+
+// WithStateRoot sets runsc's state directory (--root; default <bundle root>/.runsc). It must be
+// private to this library: Recover treats every container in it as a cell of its own.
+func WithStateRoot(dir string) Option {
+	return func(o *options) error {
+		if dir == "" {
+			return fmt.Errorf("WithStateRoot: empty path")
+		}
+		o.stateRoot = dir
+		return nil
+	}
+}
+
+// WithLogger sets the logger (default: a no-op logger).
+func WithLogger(l *zap.Logger) Option {
+	return func(o *options) error {
+		if l == nil {
+			return fmt.Errorf("WithLogger: nil logger")
+		}
+		o.logger = l
+		return nil
+	}
+}
+
+// WithOutput asks for live copies of each cell's stdout and stderr, besides the files in its
+// bundle. f is called once per cell at Create (and at Recover for adopted cells, which then get
+// the output from its start); either writer may be nil. A writer that returns an error is dropped.
+// WaitForExit returns only after the writers have received all the output.
+func WithOutput(f func(cellID string) (stdout, stderr io.Writer)) Option {
+	return func(o *options) error {
+		o.output = f
+		return nil
+	}
+}
+
+// WithOutputCap bounds how many bytes of each output stream are kept (default 64 MiB). Beyond
+// it the output is read and discarded, the file says so on its last line, the shim's log and the
+// library's log record it.
+func WithOutputCap(bytes int64) Option {
+	return func(o *options) error {
+		if bytes <= 0 {
+			return fmt.Errorf("WithOutputCap: %d is not a positive size", bytes)
+		}
+		o.outputCap = bytes
+		return nil
+	}
+}
+
+// WithPlatform selects runsc's platform (ptrace, systrap, kvm). Unset, runsc picks its default;
+// kvm is never chosen by the library.
+func WithPlatform(name string) Option {
+	return func(o *options) error {
+		if name == "" || strings.ContainsAny(name, " =\t\n") {
+			return fmt.Errorf("WithPlatform: %q is not a platform name", name)
+		}
+		o.platform = name
+		return nil
+	}
+}
+
+// reservedFlags are the global runsc flags the library sets itself.
+var reservedFlags = []string{"root", "log", "log-format", "network", "ignore-cgroups", "overlay2", "rootless", "platform"}
+
+// WithRunscFlags adds global runsc flags (e.g. "--debug", "--debug-log=/var/log/runsc/") after the
+// library's own. Flags the library sets itself are refused.
+func WithRunscFlags(flags ...string) Option {
+	return func(o *options) error {
+		for _, f := range flags {
+			if !strings.HasPrefix(f, "-") {
+				return fmt.Errorf("WithRunscFlags: %q is not a flag (flags take the form --name or --name=value)", f)
+			}
+			name, _, _ := strings.Cut(strings.TrimLeft(f, "-"), "=")
+			for _, r := range reservedFlags {
+				if name == r {
+					return fmt.Errorf("WithRunscFlags: --%s is set by the library", name)
+				}
+			}
+		}
+		o.runscFlags = append(o.runscFlags, flags...)
+		return nil
+	}
+}
