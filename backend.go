@@ -25,8 +25,8 @@ import (
 type Backend struct {
 	opts  options
 	log   *zap.Logger
-	host  []HostEntry       // the host system paths cells without rootfs see
-	cg    *cgroups.Manager  // nil when no cgroup hierarchy is mounted
+	host  []HostEntry      // the host system paths cells without rootfs see
+	cg    *cgroups.Manager // nil when no cgroup hierarchy is mounted
 	cells *tracker
 	root  bool // the library runs as root
 }

@@ -69,8 +69,8 @@ func ProbeHostSystem() []HostEntry {
 
 // SpecInputs is what the config depends on besides the document.
 type SpecInputs struct {
-	HostSystem []HostEntry // what a cell without rootfs sees of the host; see ProbeHostSystem
-	CgroupsPath string     // linux.cgroupsPath; "" when the cell has no limits
+	HostSystem  []HostEntry // what a cell without rootfs sees of the host; see ProbeHostSystem
+	CgroupsPath string      // linux.cgroupsPath; "" when the cell has no limits
 }
 
 // BuildSpec turns a validated document into the OCI runtime config of its bundle. The result is
