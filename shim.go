@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -377,5 +376,3 @@ func readJSON(path string, v any) error {
 	}
 	return nil
 }
-
-var errNoExit = errors.New("no exit record")
