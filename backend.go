@@ -37,6 +37,7 @@ var _ cellos.CellBackend = (*Backend)(nil)
 const (
 	runscTimeout   = 15 * time.Second
 	shimExitGrace  = 10 * time.Second
+	killGrace      = 5 * time.Second
 	cgroupRmTimout = 5 * time.Second
 )
 
@@ -331,7 +332,7 @@ func (b *Backend) startShim(ctx context.Context, c *cell) error {
 	cmd := &exec.Cmd{
 		Path:        "/proc/self/exe",
 		Args:        []string{shimArgv0, bundle},
-		Env:         append(shimChildEnv(), shimEnv+"=1"),
+		Env:         shimEnviron(),
 		Dir:         bundle,
 		Stderr:      logf,
 		ExtraFiles:  []*os.File{readyW},
@@ -368,6 +369,17 @@ func (b *Backend) startShim(ctx context.Context, c *cell) error {
 		return cellos.NewError("create", id, cellos.ErrHost, err)
 	}
 	return nil
+}
+
+// shimEnviron is the shim's environment: the program's, with the shim marker. A binary built with
+// -race (tests) would otherwise sleep a second before exiting; the setting is inert otherwise.
+func shimEnviron() []string {
+	env := shimChildEnv()
+	race := "atexit_sleep_ms=0"
+	if v := os.Getenv("GORACE"); v != "" {
+		race = v + " " + race
+	}
+	return append(env, "GORACE="+race, shimEnv+"=1")
 }
 
 // startWatching follows the output (WithOutput) and waits for the shim in the background.
@@ -568,14 +580,10 @@ func (b *Backend) teardown(c *cell) error {
 	shim, _ := openShim(pid, p.bundle)
 	if shim != nil {
 		defer shim.Close()
-	}
-	if shim != nil || len(c.runsc.stateFiles(p.runscID)) > 0 {
-		if err := b.forceDelete(c); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if shim != nil {
-		if err := waitOrKill(shim, pid.Pid); err != nil {
+		// SIGKILL through runsc: `runsc run` then exits and removes its container itself, in
+		// ~70 ms. A forced delete of a running container contends with runsc run's own cleanup
+		// and takes seconds; it is the fallback.
+		if err := b.stop(c, shim, pid.Pid); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -608,6 +616,48 @@ func (b *Backend) teardown(c *cell) error {
 	return errors.Join(errs...)
 }
 
+// stop ends a running cell: SIGKILL through runsc and a wait for the shim; failing that, a forced
+// delete; failing that, SIGKILL to the shim's process group.
+func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
+	if c.runsc.Path != "" {
+		// A cell created a moment ago may not have its container yet ("loading container: file
+		// does not exist"): retry until the kill lands or the shim is gone.
+		deadline := time.Now().Add(killGrace)
+		for delay := 5 * time.Millisecond; time.Now().Before(deadline); delay = min(2*delay, 200*time.Millisecond) {
+			ctx, cancel := context.WithDeadline(context.Background(), deadline)
+			err := c.runsc.Kill(ctx, c.paths.runscID, "KILL")
+			cancel()
+			if err == nil {
+				if waitFor(shim, time.Until(deadline)) {
+					return nil
+				}
+				break
+			}
+			if waitFor(shim, delay) {
+				return nil
+			}
+		}
+	}
+	var errs []error
+	if err := b.forceDelete(c); err != nil {
+		errs = append(errs, err)
+	}
+	if !waitFor(shim, shimExitGrace) {
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		if !waitFor(shim, shimExitGrace) {
+			errs = append(errs, fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// waitFor reports whether the process exits within d.
+func waitFor(h *proc.Handle, d time.Duration) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	return h.Wait(ctx) == nil
+}
+
 func (b *Backend) forceDelete(c *cell) error {
 	if c.runsc.Path == "" {
 		return fmt.Errorf("cannot delete the runsc container: %w", b.locate().runscErr)
@@ -615,23 +665,6 @@ func (b *Backend) forceDelete(c *cell) error {
 	ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
 	defer cancel()
 	return c.runsc.Delete(ctx, c.paths.runscID)
-}
-
-// waitOrKill waits for the shim to exit once runsc's container is gone; if it does not, it kills
-// the shim's process group (the shim and runsc run; the sandbox is gone with the container).
-func waitOrKill(h *proc.Handle, pid int) error {
-	ctx, cancel := context.WithTimeout(context.Background(), shimExitGrace)
-	defer cancel()
-	if h.Wait(ctx) == nil {
-		return nil
-	}
-	_ = syscall.Kill(-pid, syscall.SIGKILL)
-	ctx2, cancel2 := context.WithTimeout(context.Background(), shimExitGrace)
-	defer cancel2()
-	if err := h.Wait(ctx2); err != nil {
-		return fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid)
-	}
-	return nil
 }
 
 // undoCreate removes what a failed Create made.

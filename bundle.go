@@ -162,6 +162,9 @@ func buildMounts(s *cellos.CellSpec, host []HostEntry) []specs.Mount {
 const cpuPeriodMicros = 100_000
 
 func buildResources(r *cellos.ResourceSpec) *specs.LinuxResources {
+	if r == nil {
+		return nil // a cgroup without limits
+	}
 	out := &specs.LinuxResources{}
 	if r.MemoryBytes > 0 {
 		limit := r.MemoryBytes

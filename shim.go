@@ -300,7 +300,7 @@ func shimChildEnv() []string {
 	env := os.Environ()
 	out := env[:0]
 	for _, kv := range env {
-		if !strings.HasPrefix(kv, shimEnv+"=") {
+		if !strings.HasPrefix(kv, shimEnv+"=") && !strings.HasPrefix(kv, "GORACE=") {
 			out = append(out, kv)
 		}
 	}

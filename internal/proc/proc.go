@@ -28,8 +28,19 @@ func Open(pid int) (*Handle, error) {
 // Wait blocks until the process has exited (it may still await reaping by its parent) or ctx is
 // done. It parks the goroutine in the runtime's poller, not an OS thread.
 func (h *Handle) Wait(ctx context.Context) error {
-	stop := context.AfterFunc(ctx, func() { _ = h.f.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
+	if err := h.f.SetReadDeadline(time.Time{}); err != nil {
+		return err
+	}
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = h.f.SetReadDeadline(time.Unix(1, 0))
+		close(fired)
+	})
+	defer func() {
+		if !stop() {
+			<-fired // the deadline is set; the next Wait clears it
+		}
+	}()
 	rc, err := h.f.SyscallConn()
 	if err != nil {
 		return err

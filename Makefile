@@ -1,0 +1,44 @@
+# One command runs a real cell (make run), one passes the tests (make test). Both install what they
+# need on a fresh Debian machine: runsc (Debian's package), busybox-static, staticcheck.
+
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
+GO ?= go
+BIN := $(CURDIR)/.cache/bin
+STATICCHECK_VERSION := v0.8.2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FUZZTIME ?= 10s
+
+.PHONY: run test deps runsc tools lint unit fuzz clean
+
+run: runsc
+	$(GO) run ./cmd/cellrun run testdata/cells/hello.json
+
+test: deps lint
+	CELLOS_REQUIRE_RUNSC=1 $(GO) test -race -count=1 -timeout 20m ./...
+	$(MAKE) fuzz
+
+# Debian packages the tests need, installed only when missing.
+deps: runsc tools
+	@command -v busybox >/dev/null || { $(SUDO) apt-get install -y busybox-static || { $(SUDO) apt-get update && $(SUDO) apt-get install -y busybox-static; }; }
+
+runsc:
+	@command -v runsc >/dev/null || { $(SUDO) apt-get install -y runsc || { $(SUDO) apt-get update && $(SUDO) apt-get install -y runsc; }; }
+	@runsc --version | head -1
+
+tools: $(BIN)/staticcheck
+
+$(BIN)/staticcheck:
+	GOBIN=$(BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+lint: tools
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(BIN)/staticcheck ./...
+
+# A short fuzz pass over each fuzz target; the corpus lives in testdata/.
+fuzz:
+	$(GO) test ./cellos -run '^$$' -fuzz '^FuzzParseDocument$$' -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf .cache
