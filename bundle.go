@@ -229,9 +229,18 @@ func writeRootfs(root string, s *cellos.CellSpec, host []HostEntry) error {
 	if err := os.MkdirAll(etc, 0o755); err != nil {
 		return err
 	}
+	for _, dir := range []string{root, etc} {
+		if err := os.Chmod(dir, 0o755); err != nil {
+			return err
+		}
+	}
 	files := etcFiles(s)
 	for _, name := range slices.Sorted(maps.Keys(files)) {
-		if err := os.WriteFile(filepath.Join(etc, name), []byte(files[name]), 0o644); err != nil {
+		path := filepath.Join(etc, name)
+		if err := os.WriteFile(path, []byte(files[name]), 0o644); err != nil {
+			return err
+		}
+		if err := os.Chmod(path, 0o644); err != nil { // whatever the umask: the cell's user reads it
 			return err
 		}
 	}

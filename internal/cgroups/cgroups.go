@@ -152,7 +152,8 @@ func (m *Manager) Create(id string, l Limits) (err error) {
 		}
 		return nil
 	}
-	for _, ctl := range []string{"memory", "cpu"} {
+	// cpuacct is the library's too, so the cell's CPU usage can be read after it exited.
+	for _, ctl := range []string{"memory", "cpu", "cpuacct"} {
 		root, ok := m.v1[ctl]
 		if !ok {
 			if (ctl == "memory" && l.MemoryBytes > 0) || (ctl == "cpu" && l.CPUMillis > 0) {
@@ -216,6 +217,18 @@ func write(dir, file, value string) error {
 func exists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+// CPUAcctDir is the cell's CPU accounting directory (cpuacct on v1, the cell's directory on v2),
+// "" when there is none.
+func (m *Manager) CPUAcctDir(id string) string {
+	if m.v2 != "" {
+		return filepath.Join(m.v2, Parent, id)
+	}
+	if root, ok := m.v1["cpuacct"]; ok {
+		return filepath.Join(root, Parent, id)
+	}
+	return ""
 }
 
 // MemoryDir is the cell's memory cgroup directory, "" when there is no memory hierarchy.
