@@ -552,16 +552,21 @@ func (b *Backend) Destroy(ctx context.Context, h cellos.CellHandle) (cellos.Tear
 				cellos.NewError(op, id, cellos.ErrHost, fmt.Errorf("waiting for a concurrent destroy: %w", ctx.Err()))
 		}
 	}
+	return b.destroyClaimed(c, done)
+}
+
+// destroyClaimed tears down c, whose teardown the caller began, and publishes the report.
+func (b *Backend) destroyClaimed(c *cell, done chan struct{}) (cellos.TeardownReport, error) {
 	<-c.ready
 	start := time.Now()
 	err := b.teardown(c)
-	report := cellos.TeardownReport{CellID: id, Destroyed: err == nil, PeersTrackedAfter: b.cells.release(c)}
+	report := cellos.TeardownReport{CellID: c.id, Destroyed: err == nil, PeersTrackedAfter: b.cells.release(c)}
 	if err != nil {
-		err = cellos.NewError(op, id, cellos.ErrHost, err)
+		err = cellos.NewError("destroy", c.id, cellos.ErrHost, err)
 	}
 	c.report, c.destroyErr = report, err
 	close(done)
-	b.log.Info("cell destroyed", zap.String("cell", id), zap.Bool("destroyed", report.Destroyed),
+	b.log.Info("cell destroyed", zap.String("cell", c.id), zap.Bool("destroyed", report.Destroyed),
 		zap.Duration("took", time.Since(start)), zap.Error(err))
 	return report, err
 }
@@ -608,7 +613,12 @@ func (b *Backend) teardown(c *cell) error {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}
 	}
-	if lerr == nil {
+	switch {
+	case lerr != nil:
+	case len(errs) > 0:
+		// The bundle is the record that lets a later Destroy or Recover find what is left.
+		errs = append(errs, fmt.Errorf("bundle %s kept until the rest is gone", p.bundle))
+	default:
 		if err := removeBundle(p.bundle, bundleIsDir); err != nil {
 			errs = append(errs, err)
 		}
