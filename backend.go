@@ -604,7 +604,7 @@ func (b *Backend) teardown(c *cell) error {
 		if err := b.forceDelete(c); err != nil {
 			errs = append(errs, err)
 		}
-		if left := c.runsc.stateFiles(p.runscID); len(left) > 0 {
+		if left := c.runsc.removeStaleLocks(p.runscID); len(left) > 0 {
 			errs = append(errs, fmt.Errorf("runsc state left: %s", strings.Join(left, ", ")))
 		}
 	}

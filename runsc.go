@@ -168,6 +168,23 @@ func (r *runsc) stateFiles(id string) []string {
 	return out
 }
 
+// removeStaleLocks removes the lock files of a container that has no state file — what a sandbox
+// that was stopped while starting leaves, and `runsc delete --force` does not remove — and
+// returns the state files that remain. The caller must know that no runsc process of the
+// container is alive.
+func (r *runsc) removeStaleLocks(id string) []string {
+	left := r.stateFiles(id)
+	for _, f := range left {
+		if !strings.HasSuffix(f, ".lock") {
+			return left
+		}
+	}
+	for _, f := range left {
+		_ = os.Remove(f)
+	}
+	return r.stateFiles(id)
+}
+
 // boundedBuffer keeps the first max bytes written to it and discards the rest.
 type boundedBuffer struct {
 	bytes.Buffer
