@@ -165,16 +165,32 @@ func TestFaultHostileDocuments(t *testing.T) {
 		doc   *cellos.ExecutionCellDocument
 		field string
 	}{
-		"dotdot id":        {sh("..", "true"), "spec.id"},
-		"traversal id":     {sh("../../etc", "true"), "spec.id"},
-		"NUL in id":        {sh("a\x00b", "true"), "spec.id"},
-		"NUL in argv":      {doc("nul", "/bin/sh", "-c", "true\x00rm -rf /"), "spec.run.argv[2]"},
-		"too many args":    {doc("args", huge...), "spec.run.argv"},
-		"huge env":         {&cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind, Spec: cellos.CellSpec{ID: "env", Run: cellos.RunSpec{Argv: []string{"/bin/true"}, Env: bigEnv}}}, "spec.run"},
-		"dotdot workdir":   {func() *cellos.ExecutionCellDocument { d := sh("wd", "true"); d.Spec.Run.WorkingDir = "/tmp/../.."; return d }(), "spec.run.workingDir"},
-		"dotdot rootfs":    {func() *cellos.ExecutionCellDocument { d := sh("rf", "true"); d.Spec.Rootfs = &cellos.RootfsSpec{Path: "/srv/../etc"}; return d }(), "spec.rootfs.path"},
-		"dotdot bind src":  {func() *cellos.ExecutionCellDocument { d := sh("bs", "true"); d.Spec.Mounts = []cellos.MountSpec{{Type: "bind", Source: "/tmp/../etc", Destination: "/x"}}; return d }(), "spec.mounts[0].source"},
-		"NUL in bind dest": {func() *cellos.ExecutionCellDocument { d := sh("bd", "true"); d.Spec.Mounts = []cellos.MountSpec{{Type: "tmpfs", Destination: "/x\x00/y"}}; return d }(), "spec.mounts[0].destination"},
+		"dotdot id":     {sh("..", "true"), "spec.id"},
+		"traversal id":  {sh("../../etc", "true"), "spec.id"},
+		"NUL in id":     {sh("a\x00b", "true"), "spec.id"},
+		"NUL in argv":   {doc("nul", "/bin/sh", "-c", "true\x00rm -rf /"), "spec.run.argv[2]"},
+		"too many args": {doc("args", huge...), "spec.run.argv"},
+		"huge env":      {&cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind, Spec: cellos.CellSpec{ID: "env", Run: cellos.RunSpec{Argv: []string{"/bin/true"}, Env: bigEnv}}}, "spec.run"},
+		"dotdot workdir": {func() *cellos.ExecutionCellDocument {
+			d := sh("wd", "true")
+			d.Spec.Run.WorkingDir = "/tmp/../.."
+			return d
+		}(), "spec.run.workingDir"},
+		"dotdot rootfs": {func() *cellos.ExecutionCellDocument {
+			d := sh("rf", "true")
+			d.Spec.Rootfs = &cellos.RootfsSpec{Path: "/srv/../etc"}
+			return d
+		}(), "spec.rootfs.path"},
+		"dotdot bind src": {func() *cellos.ExecutionCellDocument {
+			d := sh("bs", "true")
+			d.Spec.Mounts = []cellos.MountSpec{{Type: "bind", Source: "/tmp/../etc", Destination: "/x"}}
+			return d
+		}(), "spec.mounts[0].source"},
+		"NUL in bind dest": {func() *cellos.ExecutionCellDocument {
+			d := sh("bd", "true")
+			d.Spec.Mounts = []cellos.MountSpec{{Type: "tmpfs", Destination: "/x\x00/y"}}
+			return d
+		}(), "spec.mounts[0].destination"},
 	}
 	for name, c := range cases {
 		_, err := e.b.Create(context.Background(), c.doc)
