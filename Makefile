@@ -39,6 +39,7 @@ lint: tools
 # A short fuzz pass over each fuzz target; the corpus lives in testdata/.
 fuzz:
 	$(GO) test ./cellos -run '^$$' -fuzz '^FuzzParseDocument$$' -fuzztime $(FUZZTIME)
+	$(GO) test . -run '^$$' -fuzz '^FuzzBuildSpec$$' -fuzztime $(FUZZTIME)
 
 clean:
 	rm -rf .cache
