@@ -9,7 +9,7 @@ STATICCHECK_VERSION := v0.8.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZTIME ?= 10s
 
-.PHONY: run test deps runsc tools lint unit fuzz clean
+.PHONY: run test deps runsc tools lint unit fuzz bench clean
 
 run: runsc
 	$(GO) run ./cmd/cellrun run testdata/cells/hello.json
@@ -40,6 +40,13 @@ lint: tools
 fuzz:
 	$(GO) test ./cellos -run '^$$' -fuzz '^FuzzParseDocument$$' -fuzztime $(FUZZTIME)
 	$(GO) test . -run '^$$' -fuzz '^FuzzBuildSpec$$' -fuzztime $(FUZZTIME)
+
+# Benchmarks, never part of `make test`: the document path (go test -bench) and the end-to-end
+# comparison with raw runsc (bench/, its own module for the plotting dependencies). The results
+# table and charts land in bench/results/.
+bench: runsc
+	$(GO) test -run '^$$' -bench . -benchmem . ./cellos
+	cd bench && $(GO) run . -out results
 
 clean:
 	rm -rf .cache

@@ -1,0 +1,85 @@
+package gvisor
+
+import (
+	"testing"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
+)
+
+// typicalDocument is the DESIGN.md example without egress: a realistic document with every
+// section filled in.
+const typicalDocument = `{
+  "apiVersion": "cellos.dev/v1",
+  "kind": "ExecutionCell",
+  "spec": {
+    "id": "build-42",
+    "run": {
+      "argv": ["/bin/sh", "-c", "echo hello"],
+      "env": {"LANG": "C.UTF-8"},
+      "workingDir": "/",
+      "user": {"uid": 65534, "gid": 65534}
+    },
+    "rootfs": {"path": "/srv/images/alpine", "writable": false},
+    "mounts": [
+      {"type": "bind", "source": "/srv/data", "destination": "/data", "readOnly": true},
+      {"type": "tmpfs", "destination": "/scratch", "sizeBytes": 67108864}
+    ],
+    "resources": {"memoryBytes": 268435456, "cpuMillis": 500, "pids": 0},
+    "network": {"egress": []},
+    "lifetime": {"ttlSeconds": 30},
+    "labels": {"team": "ci"}
+  }
+}`
+
+func BenchmarkParseDocument(b *testing.B) {
+	data := []byte(typicalDocument)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := cellos.ParseDocument(data); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkValidate(b *testing.B) {
+	doc, err := cellos.ParseDocument([]byte(typicalDocument))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := doc.Validate(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkGenerateConfig(b *testing.B) {
+	doc, err := cellos.ParseDocument([]byte(typicalDocument))
+	if err != nil {
+		b.Fatal(err)
+	}
+	in := SpecInputs{HostSystem: ProbeHostSystem(), CgroupsPath: "/cellos/build-42"}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := MarshalSpec(BuildSpec(doc, in)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkParseValidateGenerate is the whole document path of Create: bytes in, config.json out.
+func BenchmarkParseValidateGenerate(b *testing.B) {
+	data := []byte(typicalDocument)
+	in := SpecInputs{HostSystem: ProbeHostSystem(), CgroupsPath: "/cellos/build-42"}
+	b.ReportAllocs()
+	for b.Loop() {
+		doc, err := cellos.ParseDocument(data)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := MarshalSpec(BuildSpec(doc, in)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
