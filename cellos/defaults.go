@@ -23,14 +23,19 @@ func (r *RunSpec) EffectiveWorkingDir() string {
 
 // EffectiveEnv is the process environment as KEY=value lines, sorted by key, with PATH defaulted.
 func (r *RunSpec) EffectiveEnv() []string {
-	env := make([]string, 0, len(r.Env)+1)
+	keys := sortedKeys(r.Env)
 	if _, ok := r.Env["PATH"]; !ok {
-		env = append(env, "PATH="+DefaultPath)
+		keys = append(keys, "PATH")
+		slices.Sort(keys) // by key: sorting the lines would put "A1=" before "A="
 	}
-	for _, k := range sortedKeys(r.Env) {
-		env = append(env, k+"="+r.Env[k])
+	env := make([]string, 0, len(keys))
+	for _, k := range keys {
+		val, ok := r.Env[k]
+		if !ok {
+			val = DefaultPath
+		}
+		env = append(env, k+"="+val)
 	}
-	slices.Sort(env)
 	return env
 }
 

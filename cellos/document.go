@@ -60,7 +60,7 @@ func CheckID(op, id string) error {
 // case and trailing data are errors) and validates it.
 func ParseDocument(data []byte) (*ExecutionCellDocument, error) {
 	if len(data) > MaxDocumentBytes {
-		return nil, &Error{Op: "parse", Kind: ErrInvalidSpec,
+		return nil, &Error{Op: "parse", CellID: peekID(data[:MaxDocumentBytes]), Kind: ErrInvalidSpec,
 			Err: fmt.Errorf("document is %d bytes, the limit is %d", len(data), MaxDocumentBytes)}
 	}
 	if err := checkShape(data); err != nil {
@@ -82,17 +82,52 @@ func ParseDocument(data []byte) (*ExecutionCellDocument, error) {
 	return &doc, nil
 }
 
-// peekID finds spec.id in a document that may not decode, so errors can name the cell.
+// peekID finds spec.id in a document that may not decode (trailing data, a syntax error after
+// the id, a truncated prefix), so errors can name the cell. It reads no further than the id.
 func peekID(data []byte) string {
-	var probe struct {
-		Spec struct {
-			ID string `json:"id"`
-		} `json:"spec"`
-	}
-	if json.Unmarshal(data, &probe) != nil || !ValidID(probe.Spec.ID) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
 		return ""
 	}
-	return probe.Spec.ID
+	for dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		if key != "spec" {
+			if skipValue(dec) != nil {
+				return ""
+			}
+			continue
+		}
+		if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+			return ""
+		}
+		for dec.More() {
+			key, err := dec.Token()
+			if err != nil {
+				return ""
+			}
+			if key != "id" {
+				if skipValue(dec) != nil {
+					return ""
+				}
+				continue
+			}
+			tok, err := dec.Token()
+			if id, ok := tok.(string); err == nil && ok && ValidID(id) {
+				return id
+			}
+			return ""
+		}
+		return ""
+	}
+	return ""
+}
+
+func skipValue(dec *json.Decoder) error {
+	var raw json.RawMessage
+	return dec.Decode(&raw)
 }
 
 func describeJSONError(err error) error {
@@ -103,6 +138,9 @@ func describeJSONError(err error) error {
 	var se *json.SyntaxError
 	if errors.As(err, &se) {
 		return fmt.Errorf("malformed JSON at byte %d: %w", se.Offset, err)
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("malformed JSON: the document ends early: %w", err)
 	}
 	return err
 }
@@ -163,8 +201,10 @@ func walkValue(dec *json.Decoder, t reflect.Type, at string) error {
 				return err
 			}
 		}
-		_, err := dec.Token() // '}'
-		return err
+		if _, err := dec.Token(); err != nil { // '}'
+			return describeJSONError(err)
+		}
+		return nil
 	case reflect.Slice:
 		if !isDelim || delim != '[' {
 			return FieldError{Field: fieldName(at), Reason: "expected an array"}
@@ -174,8 +214,10 @@ func walkValue(dec *json.Decoder, t reflect.Type, at string) error {
 				return err
 			}
 		}
-		_, err := dec.Token() // ']'
-		return err
+		if _, err := dec.Token(); err != nil { // ']'
+			return describeJSONError(err)
+		}
+		return nil
 	default:
 		if isDelim {
 			return FieldError{Field: fieldName(at), Reason: "expected a " + t.Kind().String() + ", got a structure"}
@@ -246,30 +288,22 @@ func (d *ExecutionCellDocument) Validate() error {
 		v.check(r.Pids >= 0, "spec.resources.pids", "must not be negative")
 	}
 	if n := s.Network; n != nil {
-		v.check(len(n.Egress) <= MaxEgressRules, "spec.network.egress", "%d rules, the limit is %d", len(n.Egress), MaxEgressRules)
-		for i, r := range n.Egress {
-			f := fmt.Sprintf("spec.network.egress[%d]", i)
-			p, err := netip.ParsePrefix(r.CIDR)
-			switch {
-			case err != nil:
-				v.add(f+".cidr", "%q is not a CIDR", truncate(r.CIDR, 64))
-			case p != p.Masked():
-				v.add(f+".cidr", "%q has host bits set; did you mean %q?", r.CIDR, p.Masked())
-			}
-			v.check(r.Port >= 1 && r.Port <= 65535, f+".port", "%d is not a port (1..65535)", r.Port)
-			v.check(r.Protocol == "tcp" || r.Protocol == "udp", f+".protocol", "must be \"tcp\" or \"udp\", got %q", truncate(r.Protocol, 16))
+		// Over a limit, a list is refused by its length alone: checking (and reporting) each entry
+		// of a list far beyond it would cost time and memory for nothing.
+		if len(n.Egress) > MaxEgressRules {
+			v.add("spec.network.egress", "%d rules, the limit is %d", len(n.Egress), MaxEgressRules)
+		} else {
+			v.egress(n.Egress)
 		}
 	}
 	if l := s.Lifetime; l != nil {
 		v.check(l.TTLSeconds >= 0 && l.TTLSeconds <= MaxTTLSeconds, "spec.lifetime.ttlSeconds",
 			"%d is outside 0..%d; 0 means no limit", l.TTLSeconds, MaxTTLSeconds)
 	}
-	v.check(len(s.Labels) <= MaxLabels, "spec.labels", "%d labels, the limit is %d", len(s.Labels), MaxLabels)
-	for _, k := range sortedKeys(s.Labels) {
-		v.check(labelKeyPattern.MatchString(k), "spec.labels", "key %q must match %s", truncate(k, 80), labelKeyPattern)
-		val := s.Labels[k]
-		v.check(len(val) <= MaxLabelValue && !strings.ContainsRune(val, 0), "spec.labels."+truncate(k, 80),
-			"value must be at most %d bytes without NUL", MaxLabelValue)
+	if len(s.Labels) > MaxLabels {
+		v.add("spec.labels", "%d labels, the limit is %d", len(s.Labels), MaxLabels)
+	} else {
+		v.labels(s.Labels)
 	}
 	if len(v.errs) == 0 {
 		return nil
@@ -282,6 +316,30 @@ func (d *ExecutionCellDocument) Validate() error {
 }
 
 type validator struct{ errs FieldErrors }
+
+func (v *validator) egress(rules []EgressRule) {
+	for i, r := range rules {
+		f := fmt.Sprintf("spec.network.egress[%d]", i)
+		p, err := netip.ParsePrefix(r.CIDR)
+		switch {
+		case err != nil:
+			v.add(f+".cidr", "%q is not a CIDR", truncate(r.CIDR, 64))
+		case p != p.Masked():
+			v.add(f+".cidr", "%q has host bits set; did you mean %q?", r.CIDR, p.Masked())
+		}
+		v.check(r.Port >= 1 && r.Port <= 65535, f+".port", "%d is not a port (1..65535)", r.Port)
+		v.check(r.Protocol == "tcp" || r.Protocol == "udp", f+".protocol", "must be \"tcp\" or \"udp\", got %q", truncate(r.Protocol, 16))
+	}
+}
+
+func (v *validator) labels(labels map[string]string) {
+	for _, k := range sortedKeys(labels) {
+		v.check(labelKeyPattern.MatchString(k), "spec.labels", "key %q must match %s", truncate(k, 80), labelKeyPattern)
+		val := labels[k]
+		v.check(len(val) <= MaxLabelValue && !strings.ContainsRune(val, 0), "spec.labels."+truncate(k, 80),
+			"value must be at most %d bytes without NUL", MaxLabelValue)
+	}
+}
 
 func (v *validator) add(field, format string, args ...any) {
 	v.errs = append(v.errs, FieldError{Field: field, Reason: fmt.Sprintf(format, args...)})
@@ -326,8 +384,13 @@ func (v *validator) run(r *RunSpec) {
 			total += len(a) + 1
 		}
 	}
-	v.check(len(r.Env) <= MaxEnv, "spec.run.env", "%d variables, the limit is %d", len(r.Env), MaxEnv)
-	for _, k := range sortedKeys(r.Env) {
+	var keys []string
+	if len(r.Env) > MaxEnv {
+		v.add("spec.run.env", "%d variables, the limit is %d", len(r.Env), MaxEnv)
+	} else {
+		keys = sortedKeys(r.Env)
+	}
+	for _, k := range keys {
 		val := r.Env[k]
 		if !envKeyPattern.MatchString(k) {
 			v.add("spec.run.env", "%q is not a POSIX variable name", truncate(k, 80))
@@ -354,10 +417,15 @@ var SystemPaths = []string{"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", 
 var reservedDestinations = []string{"/proc", "/sys", "/dev"}
 
 func (v *validator) mounts(ms []MountSpec, hostSystem bool) {
-	v.check(len(ms) <= MaxMounts, "spec.mounts", "%d mounts, the limit is %d", len(ms), MaxMounts)
+	if len(ms) > MaxMounts {
+		// Refused by the count alone: the checks below compare every pair of mounts.
+		v.add("spec.mounts", "%d mounts, the limit is %d", len(ms), MaxMounts)
+		return
+	}
 	type placed struct {
-		dest string
-		bind bool
+		index int
+		dest  string
+		bind  bool
 	}
 	var seen []placed
 	for i, m := range ms {
@@ -389,17 +457,21 @@ func (v *validator) mounts(ms []MountSpec, hostSystem bool) {
 					"%q overlaps the host system path %s that a cell without rootfs sees", d, s)
 			}
 		}
-		for _, p := range seen {
-			switch {
-			case p.dest == d:
-				v.add(f+".destination", "%q is already mounted by an earlier entry", d)
-			case p.bind && within(d, p.dest):
+		for _, p := range seen { // one conflict per mount: n equal destinations are not n² problems
+			if p.dest == d {
+				v.add(f+".destination", "%q is already mounted by spec.mounts[%d]", d, p.index)
+				break
+			}
+			if p.bind && within(d, p.dest) {
 				v.add(f+".destination", "%q lies inside the bind mount at %s: its mount point would be created in the host directory", d, p.dest)
-			case within(p.dest, d):
+				break
+			}
+			if within(p.dest, d) {
 				v.add(f+".destination", "%q would hide the earlier mount at %s; list it first", d, p.dest)
+				break
 			}
 		}
-		seen = append(seen, placed{d, m.Type == MountBind})
+		seen = append(seen, placed{i, d, m.Type == MountBind})
 	}
 }
 

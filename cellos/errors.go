@@ -38,8 +38,10 @@ func (e *Error) Error() string {
 	if e.CellID != "" {
 		fmt.Fprintf(&b, " cell %q", e.CellID)
 	}
-	b.WriteString(": ")
-	b.WriteString(e.Kind.Error())
+	if e.Kind != nil {
+		b.WriteString(": ")
+		b.WriteString(e.Kind.Error())
+	}
 	if e.Err != nil {
 		b.WriteString(": ")
 		b.WriteString(e.Err.Error())
@@ -49,25 +51,40 @@ func (e *Error) Error() string {
 
 // Unwrap exposes the kind and the cause to errors.Is and errors.As.
 func (e *Error) Unwrap() []error {
-	if e.Err == nil {
-		return []error{e.Kind}
+	errs := make([]error, 0, 2)
+	if e.Kind != nil {
+		errs = append(errs, e.Kind)
 	}
-	return []error{e.Kind, e.Err}
+	if e.Err != nil {
+		errs = append(errs, e.Err)
+	}
+	return errs
 }
 
+var kinds = []error{ErrInvalidSpec, ErrHost, ErrNotTracked, ErrAlreadyExists, ErrUnsupported}
+
 // NewError builds an *Error. The cause is kept for errors.As; if it already carries one of the
-// kinds (an *Error from a lower layer), that error is returned with op and cell filled in instead,
-// so that the result wraps exactly one kind.
+// kinds (an *Error from a lower layer), a copy of that error is returned with op and cell filled
+// in instead, so that the result wraps exactly one kind. The lower layer's error is not modified:
+// it may be shared (a cell's recorded teardown error is returned to every caller). A cause that
+// wraps a bare kind (fmt.Errorf("...: %w", ErrNotTracked)) likewise keeps its own kind.
 func NewError(op, cellID string, kind, cause error) error {
 	var inner *Error
-	if errors.As(cause, &inner) {
-		if inner.Op == "" {
-			inner.Op = op
+	if errors.As(cause, &inner) && inner.Kind != nil {
+		e := *inner
+		if e.Op == "" {
+			e.Op = op
 		}
-		if inner.CellID == "" {
-			inner.CellID = cellID
+		if e.CellID == "" {
+			e.CellID = cellID
 		}
-		return inner
+		return &e
+	}
+	for _, k := range kinds {
+		if k != kind && errors.Is(cause, k) {
+			kind = k
+			break
+		}
 	}
 	return &Error{Op: op, CellID: cellID, Kind: kind, Err: cause}
 }
