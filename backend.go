@@ -29,6 +29,8 @@ type Backend struct {
 	cg    *cgroups.Manager // nil when no cgroup hierarchy is mounted
 	cells *tracker
 	root  bool // the library runs as root
+
+	probed probeLog // the runsc binaries whose probe this Backend has logged (probe.go)
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -115,7 +117,12 @@ func (b *Backend) newCell(id string, loc location) *cell {
 // Create validates doc, writes the cell's bundle, starts runsc under a shim and returns. ctx
 // bounds Create only. On any failure nothing of the cell is left on the host.
 func (b *Backend) Create(ctx context.Context, doc *cellos.ExecutionCellDocument) (cellos.CellHandle, error) {
-	const op = "create"
+	return b.launch(ctx, "create", doc, "")
+}
+
+// launch creates a cell that runs doc's process or, with an image, one restored from that
+// checkpoint (Restore).
+func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCellDocument, image string) (cellos.CellHandle, error) {
 	if err := doc.Validate(); err != nil {
 		return cellos.CellHandle{}, relabel(err, op)
 	}
@@ -130,12 +137,15 @@ func (b *Backend) Create(ctx context.Context, doc *cellos.ExecutionCellDocument)
 	if loc.runscErr != nil {
 		return cellos.CellHandle{}, cellos.NewError(op, s.ID, cellos.ErrHost, loc.runscErr)
 	}
+	if err := b.useRuntime(ctx, s, &loc); err != nil { // probes the binary once, then cached
+		return cellos.CellHandle{}, relabel(err, op)
+	}
 	c := b.newCell(s.ID, loc)
 	if other := b.cells.claim(c); other != nil {
 		return cellos.CellHandle{}, cellos.Errorf(op, s.ID, cellos.ErrAlreadyExists, "a cell with this id is tracked or being torn down")
 	}
 	start := time.Now()
-	err := b.create(ctx, c, doc)
+	err := b.create(ctx, c, doc, image)
 	if err != nil {
 		b.cells.release(c)
 		close(c.ready)
@@ -210,7 +220,7 @@ func statReason(err error) string {
 }
 
 // create does the work of Create once the id is claimed.
-func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument) (err error) {
+func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, image string) (err error) {
 	s, p := &doc.Spec, c.paths
 	fail := func(kind error, format string, args ...any) error {
 		return cellos.Errorf("create", s.ID, kind, format, args...)
@@ -258,8 +268,11 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 	if s.Rootfs != nil && s.Rootfs.Writable {
 		flags.Overlay = "root:memory"
 	}
+	if c.runsc.noOverlay2 {
+		flags.Overlay = "" // writable roots were refused (useRuntime)
+	}
 	cfg := shimConfig{CellID: s.ID, RunscID: p.runscID, Runsc: *c.runsc, Flags: flags,
-		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, MemoryCgroup: c.memory}
+		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, MemoryCgroup: c.memory, RestoreImage: image}
 	if err := writeJSONAtomic(filepath.Join(p.bundle, fileShim), cfg); err != nil {
 		return fail(cellos.ErrHost, "writing the shim config: %w", err)
 	}
@@ -409,9 +422,9 @@ func (b *Backend) watch(c *cell) {
 		status, err = destroyedStatus, nil
 	}
 	c.status, c.waitErr = status, err
-	close(c.exited)
 	b.log.Info("cell exited", zap.String("cell", c.id), zap.Int("code", status.Code),
 		zap.String("reason", string(status.Reason)), zap.Error(err))
+	close(c.exited)
 }
 
 // destroyedStatus is what waiters on a destroyed cell get: it was killed by SIGKILL.
@@ -472,6 +485,9 @@ func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
 	}
 	if rec.Error != "" {
 		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost, "runsc failed (%s): %s", rec.Runsc, rec.Error)
+	}
+	if rec.Checkpoint != "" {
+		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost, "%w to %s; Restore runs it on", ErrCheckpointed, rec.Checkpoint)
 	}
 	return rec.Status, nil
 }
@@ -601,13 +617,16 @@ func (b *Backend) teardown(c *cell) error {
 	}
 	if left := c.runsc.stateFiles(p.runscID); len(left) > 0 {
 		// runsc run was killed before it could clean up, or the first delete raced its exit.
-		if err := b.forceDelete(c); err != nil {
-			errs = append(errs, err)
+		if !c.runscFailed {
+			if err := b.forceDelete(c); err != nil {
+				errs = append(errs, err)
+			}
 		}
 		if left := c.runsc.removeStaleLocks(p.runscID); len(left) > 0 {
 			errs = append(errs, fmt.Errorf("runsc state left: %s", strings.Join(left, ", ")))
 		}
 	}
+	b.releaseStateRoot(c.runsc) // current runsc's pinned null-netns, once no container is left
 	if b.cg != nil {
 		if left, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
@@ -630,6 +649,7 @@ func (b *Backend) teardown(c *cell) error {
 // delete; failing that, SIGKILL to the shim's process group.
 func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
 	if c.runsc.Path != "" {
+		resumePaused(c.runsc, c.paths.runscID, c.paths.bundle) // a paused sandbox does not take SIGKILL
 		// A cell created a moment ago may not have its container yet ("loading container: file
 		// does not exist"): retry until the kill lands or the shim is gone.
 		deadline := time.Now().Add(killGrace)
@@ -649,10 +669,12 @@ func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
 		}
 	}
 	var errs []error
-	if err := b.forceDelete(c); err != nil {
-		errs = append(errs, err)
+	deleted := b.forceDelete(c)
+	if deleted != nil {
+		errs = append(errs, deleted)
+		c.runscFailed = true // runsc does not serve this cell; do not wait on it again
 	}
-	if !waitFor(shim, shimExitGrace) {
+	if deleted != nil || !waitFor(shim, shimExitGrace) {
 		_ = syscall.Kill(-pid, syscall.SIGKILL)
 		if !waitFor(shim, shimExitGrace) {
 			errs = append(errs, fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid))
@@ -689,6 +711,7 @@ func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
 			errs = append(errs, err)
 		}
 	}
+	b.releaseStateRoot(c.runsc)
 	if wantsCg && b.cg != nil {
 		if _, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
 			errs = append(errs, err)
@@ -700,11 +723,13 @@ func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
 	return errors.Join(errs...)
 }
 
-// relabel sets the operation of a port error to op.
+// relabel returns err with its operation set to op, as a copy: the error may be shared.
 func relabel(err error, op string) error {
 	var e *cellos.Error
-	if errors.As(err, &e) {
-		e.Op = op
+	if errors.As(err, &e) && e.Op != op {
+		cp := *e
+		cp.Op = op
+		return &cp
 	}
 	return err
 }

@@ -83,3 +83,24 @@ func BenchmarkParseValidateGenerate(b *testing.B) {
 		}
 	}
 }
+
+// TestDocumentPathAllocations holds the document path to its budget of issue 5: at most 100
+// allocations to parse, validate and generate the config of a typical document. Allocations are
+// counted, not timed, so this holds on a busy machine too.
+func TestDocumentPathAllocations(t *testing.T) {
+	data := []byte(typicalDocument)
+	in := SpecInputs{HostSystem: ProbeHostSystem(), CgroupsPath: "/cellos/build-42"}
+	allocs := testing.AllocsPerRun(200, func() {
+		doc, err := cellos.ParseDocument(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := MarshalSpec(BuildSpec(doc, in)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Logf("%.0f allocations", allocs)
+	if allocs > 100 {
+		t.Errorf("the document path takes %.0f allocations, the budget is 100", allocs)
+	}
+}

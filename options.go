@@ -3,6 +3,7 @@ package gvisor
 import (
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 
 	"go.uber.org/zap"
@@ -51,7 +52,11 @@ func WithBundleRoot(dir string) Option {
 		if dir == "" {
 			return fmt.Errorf("WithBundleRoot: empty path")
 		}
-		o.bundleRoot = dir
+		abs, err := filepath.Abs(dir) // once: a later chdir must not move the root
+		if err != nil {
+			return fmt.Errorf("WithBundleRoot: %w", err)
+		}
+		o.bundleRoot = abs
 		return nil
 	}
 }
@@ -63,7 +68,11 @@ func WithStateRoot(dir string) Option {
 		if dir == "" {
 			return fmt.Errorf("WithStateRoot: empty path")
 		}
-		o.stateRoot = dir
+		abs, err := filepath.Abs(dir)
+		if err != nil {
+			return fmt.Errorf("WithStateRoot: %w", err)
+		}
+		o.stateRoot = abs
 		return nil
 	}
 }
@@ -127,6 +136,9 @@ func WithRunscFlags(flags ...string) Option {
 				return fmt.Errorf("WithRunscFlags: %q is not a flag (flags take the form --name or --name=value)", f)
 			}
 			name, _, _ := strings.Cut(strings.TrimLeft(f, "-"), "=")
+			if name == "" {
+				return fmt.Errorf("WithRunscFlags: %q has no flag name", f)
+			}
 			for _, r := range reservedFlags {
 				if name == r {
 					return fmt.Errorf("WithRunscFlags: --%s is set by the library", name)

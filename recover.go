@@ -88,6 +88,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 			}
 		}
 	}
+	b.releaseStateRoot(loc.runsc) // current runsc's pinned null-netns, when no container is left
 	slices.Sort(rep.Adopted)
 	slices.Sort(rep.Cleaned)
 	b.log.Info("recovered cells", zap.Strings("adopted", rep.Adopted), zap.Strings("cleaned", rep.Cleaned))
@@ -103,29 +104,40 @@ func (b *Backend) recoverCell(loc location, id string) (adopted, found bool, err
 	if b.cells.claim(c) != nil {
 		return false, false, nil
 	}
-	if fi, err := os.Lstat(c.paths.bundle); err == nil && fi.IsDir() {
-		var pid pidRecord
-		_ = readJSON(filepath.Join(c.paths.bundle, fileShimPid), &pid)
-		shim, _ := openShim(pid, c.paths.bundle)
-		if shim != nil {
-			_ = shim.Close()
-		}
-		if _, err := os.Stat(filepath.Join(c.paths.bundle, fileExit)); shim != nil || err == nil {
-			c.pid = pid
-			if b.cg != nil && len(b.cg.Dirs(id)) > 0 {
-				cgPath := cgroups.Path(id)
-				c.handle.CgroupPath = &cgPath
-				c.memory = b.cg.MemoryDir(id)
-			}
-			c.handle.CellID = id
-			c.created = true
-			close(c.ready)
-			b.startWatching(c)
-			return true, true, nil
-		}
+	if b.adopt(c) {
+		return true, true, nil
 	}
 	close(c.ready)
 	done, _ := b.cells.beginTeardown(c)
 	_, err = b.destroyClaimed(c, done)
 	return false, true, err
+}
+
+// adopt tracks c, which the caller claimed, when its shim still runs or recorded the cell's end,
+// and reports whether it did. Otherwise c is left as it was (ready still open).
+func (b *Backend) adopt(c *cell) bool {
+	id := c.id
+	if fi, err := os.Lstat(c.paths.bundle); err != nil || !fi.IsDir() {
+		return false
+	}
+	var pid pidRecord
+	_ = readJSON(filepath.Join(c.paths.bundle, fileShimPid), &pid)
+	shim, _ := openShim(pid, c.paths.bundle)
+	if shim != nil {
+		_ = shim.Close()
+	}
+	if _, err := os.Stat(filepath.Join(c.paths.bundle, fileExit)); shim == nil && err != nil {
+		return false
+	}
+	c.pid = pid
+	if b.cg != nil && len(b.cg.Dirs(id)) > 0 {
+		cgPath := cgroups.Path(id)
+		c.handle.CgroupPath = &cgPath
+		c.memory = b.cg.MemoryDir(id)
+	}
+	c.handle.CellID = id
+	c.created = true
+	close(c.ready)
+	b.startWatching(c)
+	return true
 }

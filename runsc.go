@@ -32,6 +32,8 @@ type runsc struct {
 	Platform string   // --platform; "" leaves runsc's default
 	Rootless bool     // --rootless, when the library does not run as root
 	Extra    []string // operator flags, placed after the library's own
+
+	noOverlay2 bool // the binary has no --overlay2 (see probe.go); not part of shim.json
 }
 
 // cellFlags are the global flags that differ per cell.

@@ -49,6 +49,16 @@ type shimConfig struct {
 	TTLSeconds   int64     `json:"ttlSeconds,omitempty"`
 	OutputCap    int64     `json:"outputCap"`
 	MemoryCgroup string    `json:"memoryCgroup,omitempty"` // read for OOM kills after the exit
+	RestoreImage string    `json:"restoreImage,omitempty"` // restore from this checkpoint instead of running config.json's process
+}
+
+// runscArgs is the argv (without the binary) of the runsc process the shim waits on: `run`, or
+// `restore` for a cell restored from a checkpoint.
+func (cfg *shimConfig) runscArgs(bundle string) []string {
+	if cfg.RestoreImage != "" {
+		return cfg.Runsc.restoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
+	}
+	return cfg.Runsc.runArgs(cfg.Flags, bundle, cfg.RunscID)
 }
 
 // exitRecord is <bundle>/exit.json: how the cell ended, written once by the shim.
@@ -60,6 +70,9 @@ type exitRecord struct {
 	ExitedAt  time.Time         `json:"exitedAt"`
 	Stdout    streamRecord      `json:"stdout"`
 	Stderr    streamRecord      `json:"stderr"`
+
+	// Checkpoint is the image directory when Checkpoint stopped the cell; Status is meaningless then.
+	Checkpoint string `json:"checkpoint,omitempty"`
 }
 
 type streamRecord struct {
@@ -121,7 +134,7 @@ func runShim(bundle string, started func()) (*exitRecord, error) {
 		return nil, err
 	}
 
-	cmd := exec.Command(cfg.Runsc.Path, cfg.Runsc.runArgs(cfg.Flags, bundle, cfg.RunscID)...)
+	cmd := exec.Command(cfg.Runsc.Path, cfg.runscArgs(bundle)...)
 	cmd.Dir = bundle
 	cmd.Stdout, cmd.Stderr = outW, errW
 	cmd.Env = shimChildEnv()
@@ -171,6 +184,7 @@ func runShim(bundle string, started func()) (*exitRecord, error) {
 // killExpired ends a cell whose lifetime is over: SIGKILL through runsc, then, if runsc run has
 // not exited after a grace period, SIGKILL to runsc itself and a forced delete.
 func killExpired(cfg *shimConfig, cmd *exec.Cmd, exited <-chan struct{}) {
+	resumePaused(&cfg.Runsc, cfg.RunscID, cmd.Dir) // a paused sandbox does not take SIGKILL
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	err := cfg.Runsc.Kill(ctx, cfg.RunscID, "KILL")
 	cancel()
@@ -216,6 +230,11 @@ func interpret(rec *exitRecord, cfg *shimConfig, bundle string, ps *os.ProcessSt
 		return
 	}
 	code := ws.ExitStatus()
+	if image := checkpointedTo(bundle); code == 0 && image != "" {
+		// runsc run exits 0 when its container is checkpointed: that is not the workload's exit.
+		rec.Checkpoint = image
+		return
+	}
 	if code == 128 {
 		if msg := runscFailure(filepath.Join(bundle, fileRunscLog)); msg != "" {
 			rec.Error = msg

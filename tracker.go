@@ -3,6 +3,7 @@ package gvisor
 import (
 	"os/exec"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/follow"
@@ -30,10 +31,14 @@ type cell struct {
 	status  cellos.ExitStatus
 	waitErr error
 
+	runscFailed bool // a teardown's runsc delete failed; set and read by the teardown only
+
 	destroying bool          // guarded by tracker.mu
 	teardown   chan struct{} // guarded by tracker.mu; closed when Destroy has finished
 	report     cellos.TeardownReport
 	destroyErr error
+
+	started atomic.Bool // runsc has shown the container running: operations need not wait for it
 }
 
 // cellPaths are where a cell lives on the host.

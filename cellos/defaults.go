@@ -3,6 +3,7 @@ package cellos
 import (
 	"maps"
 	"slices"
+	"strings"
 )
 
 // EffectiveUser is the identity the cell's process runs as, defaults applied.
@@ -22,19 +23,33 @@ func (r *RunSpec) EffectiveWorkingDir() string {
 }
 
 // EffectiveEnv is the process environment as KEY=value lines, sorted by key, with PATH defaulted.
+// The lines share one backing string: two allocations whatever the size of the environment.
 func (r *RunSpec) EffectiveEnv() []string {
-	keys := sortedKeys(r.Env)
+	var buf [16]string
+	keys := buf[:0]
+	n := 0
+	for k, val := range r.Env {
+		keys = append(keys, k)
+		n += len(k) + 1 + len(val)
+	}
 	if _, ok := r.Env["PATH"]; !ok {
 		keys = append(keys, "PATH")
-		slices.Sort(keys) // by key: sorting the lines would put "A1=" before "A="
+		n += len("PATH=") + len(DefaultPath)
 	}
-	env := make([]string, 0, len(keys))
-	for _, k := range keys {
+	slices.Sort(keys) // by key: sorting the lines would put "A1=" before "A="
+	var b strings.Builder
+	b.Grow(n)
+	env := make([]string, len(keys))
+	for i, k := range keys {
 		val, ok := r.Env[k]
 		if !ok {
 			val = DefaultPath
 		}
-		env = append(env, k+"="+val)
+		start := b.Len()
+		b.WriteString(k)
+		b.WriteByte('=')
+		b.WriteString(val)
+		env[i] = b.String()[start:] // written bytes never change: the line stays as it is
 	}
 	return env
 }

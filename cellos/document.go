@@ -10,6 +10,7 @@ import (
 	"path"
 	"reflect"
 	"regexp"
+	"strconv"
 	"strings"
 )
 
@@ -38,14 +39,59 @@ const (
 	DefaultPath       = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 )
 
+// The grammars of ids, env names and label keys. Messages quote them; the checks are the
+// hand-written matchers below, which TestMatchersAgreeWithPatterns holds to these patterns.
 var (
 	idPattern       = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 	envKeyPattern   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 	labelKeyPattern = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$`)
 )
 
-// ValidID reports whether id is a well-formed cell id.
-func ValidID(id string) bool { return idPattern.MatchString(id) }
+func isAlnum(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+}
+
+// isNameByte: [A-Za-z0-9_.-], the inner bytes of ids and label keys.
+func isNameByte(c byte) bool { return isAlnum(c) || c == '_' || c == '.' || c == '-' }
+
+// ValidID reports whether id is a well-formed cell id (idPattern).
+func ValidID(id string) bool {
+	if len(id) == 0 || len(id) > 64 || !isAlnum(id[0]) {
+		return false
+	}
+	for i := 1; i < len(id); i++ {
+		if !isNameByte(id[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// validEnvKey matches envKeyPattern.
+func validEnvKey(k string) bool {
+	if len(k) == 0 || !(k[0] == '_' || isAlnum(k[0]) && !('0' <= k[0] && k[0] <= '9')) {
+		return false
+	}
+	for i := 1; i < len(k); i++ {
+		if !isAlnum(k[i]) && k[i] != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+// validLabelKey matches labelKeyPattern.
+func validLabelKey(k string) bool {
+	if len(k) == 0 || len(k) > 63 || !isAlnum(k[0]) || !isAlnum(k[len(k)-1]) {
+		return false
+	}
+	for i := 1; i < len(k)-1; i++ {
+		if !isNameByte(k[i]) {
+			return false
+		}
+	}
+	return true
+}
 
 // CheckID returns an ErrInvalidSpec error for op when id is not a well-formed cell id.
 func CheckID(op, id string) error {
@@ -57,29 +103,54 @@ func CheckID(op, id string) error {
 }
 
 // ParseDocument decodes a document strictly (unknown fields, duplicate keys, keys in the wrong
-// case and trailing data are errors) and validates it.
+// case, a run.user without both ids and trailing data are errors) and validates it.
 func ParseDocument(data []byte) (*ExecutionCellDocument, error) {
 	if len(data) > MaxDocumentBytes {
 		return nil, &Error{Op: "parse", CellID: peekID(data[:MaxDocumentBytes]), Kind: ErrInvalidSpec,
 			Err: fmt.Errorf("document is %d bytes, the limit is %d", len(data), MaxDocumentBytes)}
 	}
+	doc := new(ExecutionCellDocument)
+	if !decodeStrict(data, doc) {
+		// The fast path accepts only what the slow one accepts, and decodes it the same way; it
+		// leaves every refusal, and its wording, to the slow path.
+		return parseSlow(data)
+	}
+	if err := doc.Validate(); err != nil {
+		return nil, relabelParse(err)
+	}
+	return doc, nil
+}
+
+// parseSlow is ParseDocument with encoding/json: a walk over the token stream (checkShape), then
+// a decode, then Validate. It is the reference the fast path is tested against, and it words the
+// errors: it runs only for documents the fast path refuses.
+func parseSlow(data []byte) (*ExecutionCellDocument, error) {
 	if err := checkShape(data); err != nil {
 		return nil, &Error{Op: "parse", CellID: peekID(data), Kind: ErrInvalidSpec, Err: err}
 	}
 	var doc ExecutionCellDocument
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&doc); err != nil {
+	if err := decodeJSON(data, &doc); err != nil {
 		return nil, &Error{Op: "parse", CellID: peekID(data), Kind: ErrInvalidSpec, Err: describeJSONError(err)}
 	}
 	if err := doc.Validate(); err != nil {
-		var e *Error
-		if errors.As(err, &e) {
-			e.Op = "parse"
-		}
-		return nil, err
+		return nil, relabelParse(err)
 	}
 	return &doc, nil
+}
+
+func decodeJSON(data []byte, doc *ExecutionCellDocument) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	return dec.Decode(doc)
+}
+
+// relabelParse names the operation of an error from Validate (a fresh *Error of its own).
+func relabelParse(err error) error {
+	var e *Error
+	if errors.As(err, &e) {
+		e.Op = "parse"
+	}
+	return err
 }
 
 // peekID finds spec.id in a document that may not decode (trailing data, a syntax error after
@@ -153,7 +224,7 @@ var docType = reflect.TypeFor[ExecutionCellDocument]()
 func checkShape(data []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
-	if err := walkValue(dec, docType, ""); err != nil {
+	if _, err := walkValue(dec, docType, ""); err != nil {
 		return err
 	}
 	if _, err := dec.Token(); err != io.EOF {
@@ -162,68 +233,101 @@ func checkShape(data []byte) error {
 	return nil
 }
 
-func walkValue(dec *json.Decoder, t reflect.Type, at string) error {
+// walkValue checks the next value against t and reports whether it was a null.
+func walkValue(dec *json.Decoder, t reflect.Type, at string) (null bool, err error) {
 	tok, err := dec.Token()
 	if err != nil {
-		return describeJSONError(err)
+		return false, describeJSONError(err)
 	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	if tok == nil {
-		return nil // null: the zero value
+		return true, nil // null: the zero value
 	}
 	delim, isDelim := tok.(json.Delim)
 	switch t.Kind() {
 	case reflect.Struct, reflect.Map:
 		if !isDelim || delim != '{' {
-			return FieldError{Field: fieldName(at), Reason: "expected an object"}
+			return false, FieldError{Field: fieldName(at), Reason: "expected an object"}
 		}
-		seen := map[string]bool{}
+		given := map[string]bool{} // the keys seen, true when not null
 		for dec.More() {
 			kt, err := dec.Token()
 			if err != nil {
-				return describeJSONError(err)
+				return false, describeJSONError(err)
 			}
 			key := kt.(string)
 			sub := join(at, key)
-			if seen[key] {
-				return FieldError{Field: sub, Reason: "duplicate key"}
+			if _, dup := given[key]; dup {
+				return false, FieldError{Field: sub, Reason: "duplicate key"}
 			}
-			seen[key] = true
 			var elem reflect.Type
 			if t.Kind() == reflect.Map {
 				elem = t.Elem()
 			} else if elem = jsonField(t, key); elem == nil {
-				return FieldError{Field: sub, Reason: "unknown field" + suggest(t, key)}
+				return false, FieldError{Field: sub, Reason: "unknown field" + suggest(t, key)}
 			}
-			if err := walkValue(dec, elem, sub); err != nil {
-				return err
+			null, err := walkValue(dec, elem, sub)
+			if err != nil {
+				return false, err
 			}
+			given[key] = !null
 		}
 		if _, err := dec.Token(); err != nil { // '}'
-			return describeJSONError(err)
+			return false, describeJSONError(err)
 		}
-		return nil
+		return false, missingKeys(t, given, at)
 	case reflect.Slice:
 		if !isDelim || delim != '[' {
-			return FieldError{Field: fieldName(at), Reason: "expected an array"}
+			return false, FieldError{Field: fieldName(at), Reason: "expected an array"}
 		}
 		for i := 0; dec.More(); i++ {
-			if err := walkValue(dec, t.Elem(), fmt.Sprintf("%s[%d]", at, i)); err != nil {
-				return err
+			if _, err := walkValue(dec, t.Elem(), fmt.Sprintf("%s[%d]", at, i)); err != nil {
+				return false, err
 			}
 		}
 		if _, err := dec.Token(); err != nil { // ']'
-			return describeJSONError(err)
+			return false, describeJSONError(err)
 		}
-		return nil
+		return false, nil
 	default:
 		if isDelim {
-			return FieldError{Field: fieldName(at), Reason: "expected a " + t.Kind().String() + ", got a structure"}
+			return false, FieldError{Field: fieldName(at), Reason: "expected a " + t.Kind().String() + ", got a structure"}
 		}
+		return false, nil
+	}
+}
+
+// requiredKeys lists the keys an object must have, with a value other than null, whenever the
+// object is given, and why. A run.user without "gid" (or with "gid": null) would otherwise run
+// the cell in group 0, root's group.
+var requiredKeys = map[reflect.Type]struct {
+	keys   []string
+	reason string
+}{
+	reflect.TypeFor[UserSpec](): {[]string{"uid", "gid"}, "is required when user is given"},
+}
+
+// missingKeys reports the required keys of an object of type t that were not given a value.
+func missingKeys(t reflect.Type, given map[string]bool, at string) error {
+	req, ok := requiredKeys[t]
+	if !ok {
 		return nil
 	}
+	var errs FieldErrors
+	for _, k := range req.keys {
+		if !given[k] {
+			errs = append(errs, FieldError{Field: join(at, k), Reason: req.reason})
+		}
+	}
+	switch len(errs) {
+	case 0:
+		return nil
+	case 1:
+		return errs[0]
+	}
+	return errs
 }
 
 func fieldName(at string) string {
@@ -262,14 +366,19 @@ func suggest(t reflect.Type, key string) string {
 }
 
 // Validate checks everything about the document that does not depend on the host. It returns an
-// *Error of kind ErrInvalidSpec listing every problem (FieldErrors), or nil.
+// *Error of kind ErrInvalidSpec listing every problem (FieldErrors), or nil. A valid document
+// costs no allocation: messages and field paths are formatted only for problems found.
 func (d *ExecutionCellDocument) Validate() error {
 	if d == nil {
 		return &Error{Op: "validate", Kind: ErrInvalidSpec, Err: errors.New("no document")}
 	}
 	var v validator
-	v.check(d.APIVersion == APIVersion, "apiVersion", "must be %q, got %q", APIVersion, truncate(d.APIVersion, 64))
-	v.check(d.Kind == Kind, "kind", "must be %q, got %q", Kind, truncate(d.Kind, 64))
+	if d.APIVersion != APIVersion {
+		v.add("apiVersion", "must be %q, got %q", APIVersion, truncate(d.APIVersion, 64))
+	}
+	if d.Kind != Kind {
+		v.add("kind", "must be %q, got %q", Kind, truncate(d.Kind, 64))
+	}
 	s := &d.Spec
 	if !ValidID(s.ID) {
 		v.add("spec.id", "%q must match %s (letters, digits, '_', '.', '-'; at most 64; no leading '-' or '.')", truncate(s.ID, 80), idPattern)
@@ -277,15 +386,22 @@ func (d *ExecutionCellDocument) Validate() error {
 	v.run(&s.Run)
 	if s.Rootfs != nil {
 		v.absPath("spec.rootfs.path", s.Rootfs.Path)
-		v.check(s.Rootfs.Path != "/", "spec.rootfs.path", "the host's root directory cannot be a cell image")
+		if s.Rootfs.Path == "/" {
+			v.add("spec.rootfs.path", "the host's root directory cannot be a cell image")
+		}
 	}
 	v.mounts(s.Mounts, s.Rootfs == nil)
 	if r := s.Resources; r != nil {
-		v.check(r.MemoryBytes == 0 || r.MemoryBytes >= MinMemoryBytes, "spec.resources.memoryBytes",
-			"%d is below the minimum of %d (a gVisor sandbox needs that much to boot); 0 means no limit", r.MemoryBytes, int64(MinMemoryBytes))
-		v.check(r.CPUMillis == 0 || (r.CPUMillis >= MinCPUMillis && r.CPUMillis <= MaxCPUMillis), "spec.resources.cpuMillis",
-			"%d is outside %d..%d; 0 means no limit", r.CPUMillis, MinCPUMillis, MaxCPUMillis)
-		v.check(r.Pids >= 0, "spec.resources.pids", "must not be negative")
+		if !(r.MemoryBytes == 0 || r.MemoryBytes >= MinMemoryBytes) {
+			v.add("spec.resources.memoryBytes", "%d is below the minimum of %d (a gVisor sandbox needs that much to boot); 0 means no limit",
+				r.MemoryBytes, int64(MinMemoryBytes))
+		}
+		if !(r.CPUMillis == 0 || (r.CPUMillis >= MinCPUMillis && r.CPUMillis <= MaxCPUMillis)) {
+			v.add("spec.resources.cpuMillis", "%d is outside %d..%d; 0 means no limit", r.CPUMillis, MinCPUMillis, MaxCPUMillis)
+		}
+		if r.Pids < 0 {
+			v.add("spec.resources.pids", "must not be negative")
+		}
 	}
 	if n := s.Network; n != nil {
 		// Over a limit, a list is refused by its length alone: checking (and reporting) each entry
@@ -296,9 +412,8 @@ func (d *ExecutionCellDocument) Validate() error {
 			v.egress(n.Egress)
 		}
 	}
-	if l := s.Lifetime; l != nil {
-		v.check(l.TTLSeconds >= 0 && l.TTLSeconds <= MaxTTLSeconds, "spec.lifetime.ttlSeconds",
-			"%d is outside 0..%d; 0 means no limit", l.TTLSeconds, MaxTTLSeconds)
+	if l := s.Lifetime; l != nil && !(l.TTLSeconds >= 0 && l.TTLSeconds <= MaxTTLSeconds) {
+		v.add("spec.lifetime.ttlSeconds", "%d is outside 0..%d; 0 means no limit", l.TTLSeconds, MaxTTLSeconds)
 	}
 	if len(s.Labels) > MaxLabels {
 		v.add("spec.labels", "%d labels, the limit is %d", len(s.Labels), MaxLabels)
@@ -315,44 +430,78 @@ func (d *ExecutionCellDocument) Validate() error {
 	return &Error{Op: "validate", CellID: id, Kind: ErrInvalidSpec, Err: v.errs}
 }
 
+// validator collects the problems of a document. Its checks test first and format only what
+// they report: fmt's arguments are boxed, and field paths built, on the error path alone.
 type validator struct{ errs FieldErrors }
+
+// indexed is a field path below a list entry: "spec.mounts[2].source".
+func indexed(list string, i int, field string) string {
+	return list + "[" + strconv.Itoa(i) + "]" + field
+}
 
 func (v *validator) egress(rules []EgressRule) {
 	for i, r := range rules {
-		f := fmt.Sprintf("spec.network.egress[%d]", i)
 		p, err := netip.ParsePrefix(r.CIDR)
 		switch {
 		case err != nil:
-			v.add(f+".cidr", "%q is not a CIDR", truncate(r.CIDR, 64))
+			v.add(indexed("spec.network.egress", i, ".cidr"), "%q is not a CIDR", truncate(r.CIDR, 64))
 		case p != p.Masked():
-			v.add(f+".cidr", "%q has host bits set; did you mean %q?", r.CIDR, p.Masked())
+			v.add(indexed("spec.network.egress", i, ".cidr"), "%q has host bits set; did you mean %q?", r.CIDR, p.Masked())
 		}
-		v.check(r.Port >= 1 && r.Port <= 65535, f+".port", "%d is not a port (1..65535)", r.Port)
-		v.check(r.Protocol == "tcp" || r.Protocol == "udp", f+".protocol", "must be \"tcp\" or \"udp\", got %q", truncate(r.Protocol, 16))
+		if !(r.Port >= 1 && r.Port <= 65535) {
+			v.add(indexed("spec.network.egress", i, ".port"), "%d is not a port (1..65535)", r.Port)
+		}
+		if !(r.Protocol == "tcp" || r.Protocol == "udp") {
+			v.add(indexed("spec.network.egress", i, ".protocol"), "must be \"tcp\" or \"udp\", got %q", truncate(r.Protocol, 16))
+		}
 	}
 }
 
 func (v *validator) labels(labels map[string]string) {
-	for _, k := range sortedKeys(labels) {
-		v.check(labelKeyPattern.MatchString(k), "spec.labels", "key %q must match %s", truncate(k, 80), labelKeyPattern)
-		val := labels[k]
-		v.check(len(val) <= MaxLabelValue && !strings.ContainsRune(val, 0), "spec.labels."+truncate(k, 80),
-			"value must be at most %d bytes without NUL", MaxLabelValue)
+	clean := true
+	for k, val := range labels {
+		if !validLabelKey(k) || !validLabelValue(val) {
+			clean = false
+			break
+		}
 	}
+	if clean {
+		return
+	}
+	for _, k := range sortedKeys(labels) { // every problem, in a stable order
+		if !validLabelKey(k) {
+			v.add("spec.labels", "key %q must match %s", truncate(k, 80), labelKeyPattern)
+		}
+		if !validLabelValue(labels[k]) {
+			v.add("spec.labels."+truncate(k, 80), "value must be at most %d bytes without NUL", MaxLabelValue)
+		}
+	}
+}
+
+func validLabelValue(val string) bool {
+	return len(val) <= MaxLabelValue && strings.IndexByte(val, 0) < 0
 }
 
 func (v *validator) add(field, format string, args ...any) {
 	v.errs = append(v.errs, FieldError{Field: field, Reason: fmt.Sprintf(format, args...)})
 }
 
-func (v *validator) check(ok bool, field, format string, args ...any) {
-	if !ok {
-		v.add(field, format, args...)
-	}
+// cleanAbs reports whether p is an absolute, clean path without NUL, within MaxPathBytes.
+func cleanAbs(p string) bool {
+	return p != "" && len(p) <= MaxPathBytes && strings.IndexByte(p, 0) < 0 && path.IsAbs(p) && path.Clean(p) == p
 }
 
 // absPath checks that p is an absolute, clean path without NUL, and reports whether it is.
 func (v *validator) absPath(field, p string) bool {
+	if cleanAbs(p) {
+		return true
+	}
+	v.pathProblem(field, p)
+	return false
+}
+
+// pathProblem reports what is wrong with p, which is not cleanAbs.
+func (v *validator) pathProblem(field, p string) {
 	switch {
 	case p == "":
 		v.add(field, "is required")
@@ -362,12 +511,9 @@ func (v *validator) absPath(field, p string) bool {
 		v.add(field, "contains a NUL byte")
 	case !path.IsAbs(p):
 		v.add(field, "%q must be absolute", truncate(p, 256))
-	case path.Clean(p) != p:
-		v.add(field, "%q is not clean (no '..', '.', '//' or trailing '/'); did you mean %q?", truncate(p, 256), path.Clean(p))
 	default:
-		return true
+		v.add(field, "%q is not clean (no '..', '.', '//' or trailing '/'); did you mean %q?", truncate(p, 256), path.Clean(p))
 	}
-	return false
 }
 
 func (v *validator) run(r *RunSpec) {
@@ -378,35 +524,63 @@ func (v *validator) run(r *RunSpec) {
 	case len(r.Argv) > MaxArgs:
 		v.add("spec.run.argv", "%d arguments, the limit is %d", len(r.Argv), MaxArgs)
 	default:
-		v.check(r.Argv[0] != "", "spec.run.argv[0]", "must not be empty")
+		if r.Argv[0] == "" {
+			v.add("spec.run.argv[0]", "must not be empty")
+		}
 		for i, a := range r.Argv {
-			v.check(!strings.ContainsRune(a, 0), fmt.Sprintf("spec.run.argv[%d]", i), "contains a NUL byte")
+			if strings.IndexByte(a, 0) >= 0 {
+				v.add(indexed("spec.run.argv", i, ""), "contains a NUL byte")
+			}
 			total += len(a) + 1
 		}
 	}
-	var keys []string
 	if len(r.Env) > MaxEnv {
 		v.add("spec.run.env", "%d variables, the limit is %d", len(r.Env), MaxEnv)
 	} else {
-		keys = sortedKeys(r.Env)
+		total += v.env(r.Env)
 	}
-	for _, k := range keys {
-		val := r.Env[k]
-		if !envKeyPattern.MatchString(k) {
-			v.add("spec.run.env", "%q is not a POSIX variable name", truncate(k, 80))
-			continue
-		}
-		v.check(!strings.ContainsRune(val, 0), "spec.run.env."+k, "contains a NUL byte")
-		total += len(k) + len(val) + 2
+	if total > MaxArgEnvBytes {
+		v.add("spec.run", "argv and env take %d bytes, the limit is %d", total, MaxArgEnvBytes)
 	}
-	v.check(total <= MaxArgEnvBytes, "spec.run", "argv and env take %d bytes, the limit is %d", total, MaxArgEnvBytes)
 	if r.WorkingDir != "" {
 		v.absPath("spec.run.workingDir", r.WorkingDir)
 	}
 	if u := r.User; u != nil {
-		v.check(u.UID != ^uint32(0), "spec.run.user.uid", "4294967295 is not a valid uid")
-		v.check(u.GID != ^uint32(0), "spec.run.user.gid", "4294967295 is not a valid gid")
+		if u.UID == ^uint32(0) {
+			v.add("spec.run.user.uid", "4294967295 is not a valid uid")
+		}
+		if u.GID == ^uint32(0) {
+			v.add("spec.run.user.gid", "4294967295 is not a valid gid")
+		}
 	}
+}
+
+// env checks the environment and returns the bytes its well-named variables take.
+func (v *validator) env(env map[string]string) int {
+	total := 0
+	for k, val := range env {
+		if !validEnvKey(k) || strings.IndexByte(val, 0) >= 0 {
+			total = -1
+			break
+		}
+		total += len(k) + len(val) + 2
+	}
+	if total >= 0 {
+		return total
+	}
+	total = 0
+	for _, k := range sortedKeys(env) { // every problem, in a stable order
+		val := env[k]
+		if !validEnvKey(k) {
+			v.add("spec.run.env", "%q is not a POSIX variable name", truncate(k, 80))
+			continue
+		}
+		if strings.IndexByte(val, 0) >= 0 {
+			v.add("spec.run.env."+k, "contains a NUL byte")
+		}
+		total += len(k) + len(val) + 2
+	}
+	return total
 }
 
 // SystemPaths are the host directories and files a cell without a rootfs sees read-only.
@@ -427,47 +601,59 @@ func (v *validator) mounts(ms []MountSpec, hostSystem bool) {
 		dest  string
 		bind  bool
 	}
-	var seen []placed
+	var buf [MaxMounts]placed
+	seen := buf[:0]
 	for i, m := range ms {
-		f := fmt.Sprintf("spec.mounts[%d]", i)
 		switch m.Type {
 		case MountBind:
-			v.absPath(f+".source", m.Source)
-			v.check(m.SizeBytes == 0, f+".sizeBytes", "applies to tmpfs mounts only")
+			if !cleanAbs(m.Source) {
+				v.pathProblem(indexed("spec.mounts", i, ".source"), m.Source)
+			}
+			if m.SizeBytes != 0 {
+				v.add(indexed("spec.mounts", i, ".sizeBytes"), "applies to tmpfs mounts only")
+			}
 		case MountTmpfs:
-			v.check(m.Source == "", f+".source", "must be empty for a tmpfs mount")
-			v.check(m.SizeBytes >= 0, f+".sizeBytes", "must not be negative")
+			if m.Source != "" {
+				v.add(indexed("spec.mounts", i, ".source"), "must be empty for a tmpfs mount")
+			}
+			if m.SizeBytes < 0 {
+				v.add(indexed("spec.mounts", i, ".sizeBytes"), "must not be negative")
+			}
 		default:
-			v.add(f+".type", "must be %q or %q, got %q", MountBind, MountTmpfs, truncate(m.Type, 32))
+			v.add(indexed("spec.mounts", i, ".type"), "must be %q or %q, got %q", MountBind, MountTmpfs, truncate(m.Type, 32))
 		}
 		d := m.Destination
-		if !v.absPath(f+".destination", d) {
+		if !cleanAbs(d) {
+			v.pathProblem(indexed("spec.mounts", i, ".destination"), d)
 			continue
 		}
 		if d == "/" {
-			v.add(f+".destination", "must not shadow the root")
+			v.add(indexed("spec.mounts", i, ".destination"), "must not shadow the root")
 			continue
 		}
 		for _, r := range reservedDestinations {
-			v.check(!within(d, r), f+".destination", "%q would shadow %s, which the sandbox manages", d, r)
+			if within(d, r) {
+				v.add(indexed("spec.mounts", i, ".destination"), "%q would shadow %s, which the sandbox manages", d, r)
+			}
 		}
 		if hostSystem {
 			for _, s := range SystemPaths {
-				v.check(!within(d, s) && !within(s, d), f+".destination",
-					"%q overlaps the host system path %s that a cell without rootfs sees", d, s)
+				if within(d, s) || within(s, d) {
+					v.add(indexed("spec.mounts", i, ".destination"), "%q overlaps the host system path %s that a cell without rootfs sees", d, s)
+				}
 			}
 		}
 		for _, p := range seen { // one conflict per mount: n equal destinations are not n² problems
 			if p.dest == d {
-				v.add(f+".destination", "%q is already mounted by spec.mounts[%d]", d, p.index)
+				v.add(indexed("spec.mounts", i, ".destination"), "%q is already mounted by spec.mounts[%d]", d, p.index)
 				break
 			}
 			if p.bind && within(d, p.dest) {
-				v.add(f+".destination", "%q lies inside the bind mount at %s: its mount point would be created in the host directory", d, p.dest)
+				v.add(indexed("spec.mounts", i, ".destination"), "%q lies inside the bind mount at %s: its mount point would be created in the host directory", d, p.dest)
 				break
 			}
 			if within(p.dest, d) {
-				v.add(f+".destination", "%q would hide the earlier mount at %s; list it first", d, p.dest)
+				v.add(indexed("spec.mounts", i, ".destination"), "%q would hide the earlier mount at %s; list it first", d, p.dest)
 				break
 			}
 		}
@@ -477,7 +663,7 @@ func (v *validator) mounts(ms []MountSpec, hostSystem bool) {
 
 // within reports whether p is dir or below it.
 func within(p, dir string) bool {
-	return p == dir || strings.HasPrefix(p, dir+"/")
+	return strings.HasPrefix(p, dir) && (len(p) == len(dir) || p[len(dir)] == '/')
 }
 
 func truncate(s string, n int) string {

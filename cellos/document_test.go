@@ -219,6 +219,22 @@ func TestParseDocumentMinimal(t *testing.T) {
 
 // TestParseDocumentValid lists documents that must be accepted, boundaries included.
 func TestParseDocumentValid(t *testing.T) {
+	for _, tc := range validCases() {
+		t.Run(tc.name, func(t *testing.T) {
+			doc, err := cellos.ParseDocument([]byte(tc.doc))
+			require.NoError(t, err)
+			require.NotNil(t, doc)
+			require.NoError(t, doc.Validate())
+		})
+	}
+}
+
+type validCase struct {
+	name string
+	doc  string
+}
+
+func validCases() []validCase {
 	long := func(c byte, n int) string { return strings.Repeat(string(c), n) }
 	args := func(n int) []any {
 		l := make([]any, n)
@@ -237,10 +253,7 @@ func TestParseDocumentValid(t *testing.T) {
 			setMounts(ms...)(d)
 		}
 	}
-	cases := []struct {
-		name string
-		doc  string
-	}{
+	return []validCase{
 		{"example", exampleDoc},
 		{"example with egress", exampleWithEgress},
 		{"minimal", minimalDoc},
@@ -291,14 +304,15 @@ func TestParseDocumentValid(t *testing.T) {
 		{"label key 63 chars and value at the limit", edit(setSpec("labels", M{long('k', 63): long('v', cellos.MaxLabelValue)}))},
 		{"label key punctuation", edit(setSpec("labels", M{"a.b-c_d": "", "x": "y"}))},
 		{"unicode string values", edit(setSpec("labels", M{"who": "Zoë ✓"}))},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			doc, err := cellos.ParseDocument([]byte(tc.doc))
-			require.NoError(t, err)
-			require.NotNil(t, doc)
-			require.NoError(t, doc.Validate())
-		})
+		{"escaped keys", replaced(`"apiVersion"`, `"\u0061piVersion"`)},
+		{"escaped key of a user id", replaced(`"gid"`, `"\u0067id"`)},
+		{"escaped values", replaced(`"echo hello"`, `"echo \"h\u00e9llo\" \ud83d\ude00 \/\\\b\f\n\r\t"`)},
+		{"lone surrogates and invalid UTF-8 in values", replaced(`"team": "ci"`, `"team": "\udc00 \ud800x \ud800\u0041 \ud800`+"\xff\xfe"+`"`)},
+		{"null user", editMin(setRun("user", nil))},
+		{"user ids in any order", editMin(setRun("user", M{"gid": 7, "uid": 1000}))},
+		{"all whitespace kinds", strings.ReplaceAll(exampleDoc, "\n", "\r\n\t ")},
+		{"int64 extremes where documents allow them", replaced(`"pids": 0`, `"pids": 9223372036854775807`)},
+		{"negative zero", replaced(`"pids": 0`, `"pids": -0`)},
 	}
 }
 
@@ -370,6 +384,11 @@ func badCases() []badCase {
 		{name: "duplicate env key", doc: replaced(`"LANG": "C.UTF-8"`, `"LANG": "C.UTF-8", "LANG": "C"`), field: "spec.run.env.LANG", msg: "duplicate key", shape: true},
 		{name: "duplicate label key", doc: replaced(`"team": "ci"`, `"team": "ci", "team": "cd"`), field: "spec.labels.team", msg: "duplicate key", shape: true},
 		{name: "duplicate key via escape", doc: replaced(`"pids": 0`, `"pids": 0, "\u0070ids": 0`), field: "spec.resources.pids", msg: "duplicate key", shape: true},
+		{name: "duplicate id via escape", doc: replaced(`"id": "build-42",`, `"id": "build-42", "\u0069d": "other",`), field: "spec.id", msg: "duplicate key", shape: true},
+		{name: "duplicate escaped before plain", doc: replaced(`"id": "build-42",`, `"\u0069d": "build-42", "id": "build-42",`), field: "spec.id", msg: "duplicate key", shape: true},
+		{name: "duplicate gid via escape", doc: replaced(`"gid": 65534`, `"gid": 65534, "\u0067id": 0`), field: "spec.run.user.gid", msg: "duplicate key", shape: true},
+		{name: "duplicate env key via escape", doc: replaced(`"LANG": "C.UTF-8"`, `"LANG": "C.UTF-8", "L\u0041NG": "C"`), field: "spec.run.env.LANG", msg: "duplicate key", shape: true},
+		{name: "duplicate spec", doc: replaced(`"kind": "ExecutionCell",`, `"kind": "ExecutionCell", "spec": null,`), field: "spec", msg: "duplicate key", shape: true, noID: true},
 
 		// Whole-document problems.
 		{name: "trailing object", doc: exampleDoc + "{}", msg: "trailing data", shape: true},
@@ -443,6 +462,15 @@ func badCases() []badCase {
 		{name: "gid 4294967295", doc: edit(setRun("user", M{"uid": 1, "gid": 4294967295})), field: "spec.run.user.gid"},
 		{name: "uid negative", doc: edit(setRun("user", M{"uid": -1, "gid": 1})), field: "spec.run.user.uid", shape: true},
 		{name: "uid above 32 bits", doc: edit(setRun("user", M{"uid": 4294967296, "gid": 1})), field: "spec.run.user.uid", shape: true},
+		{name: "uid negative zero", doc: replaced(`"uid": 65534`, `"uid": -0`), field: "spec.run.user.uid", shape: true},
+		{name: "user without gid", doc: edit(setRun("user", M{"uid": 1000})), field: "spec.run.user.gid",
+			msg: "spec.run.user.gid: is required when user is given", shape: true},
+		{name: "user without uid", doc: edit(setRun("user", M{"gid": 1000})), field: "spec.run.user.uid",
+			msg: "spec.run.user.uid: is required when user is given", shape: true},
+		{name: "user without ids", doc: edit(setRun("user", M{})), field: "spec.run.user.gid", msg: "is required when user is given", shape: true},
+		{name: "user with gid null", doc: edit(setRun("user", M{"uid": 1000, "gid": nil})), field: "spec.run.user.gid",
+			msg: "is required when user is given", shape: true},
+		{name: "user root without gid", doc: edit(setRun("user", M{"uid": 0})), field: "spec.run.user.gid", shape: true},
 
 		// rootfs.
 		{name: "rootfs relative", doc: edit(func(d M) { obj(d, "spec", "rootfs")["path"] = "srv/images" }), field: "spec.rootfs.path", msg: "absolute"},

@@ -52,6 +52,9 @@ func fuzzSeeds() []fuzzSeed {
 		{"seed-empty", "", false},
 		{"seed-null", "null", false},
 		{"seed-array", "[]", false},
+		{"seed-escapes", replaced(`"echo hello"`, `"\u0065cho \"h\u00e9llo\" \ud83d\ude00 \ud800 \/"`), true},
+		{"seed-escaped-duplicate", replaced(`"id": "build-42",`, `"id": "build-42", "\u0069d": "other",`), false},
+		{"seed-user-without-gid", editMin(setRun("user", M{"uid": 1000})), false},
 	}
 }
 
@@ -65,6 +68,7 @@ func FuzzParseDocument(f *testing.F) {
 		f.Add([]byte(s.doc))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		checkFastMatchesSlow(t, data)
 		doc, err := cellos.ParseDocument(data)
 		if err != nil {
 			require.Nil(t, doc)

@@ -2,6 +2,8 @@
 //
 //	cellrun run [flags] DOC.json     run the cell, stream its output, exit with its exit code
 //	cellrun config [flags] DOC.json  print the config.json the cell would run with
+//	cellrun list|exec|signal|stats|pause|resume|checkpoint|restore|destroy [flags] ...
+//	                                 operate on the cells of a bundle root (operate.go)
 //
 // Exit codes: the cell's own exit code for `run`; 125 when cellrun, the document or runsc
 // failed; 2 for usage errors.
@@ -42,7 +44,7 @@ flags:
   --platform NAME     runsc platform (ptrace, systrap)
   --keep              run: leave the bundle in place after the cell exits (destroy it later)
   --debug             log what the library does to stderr
-`)
+`+operateUsage)
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -51,6 +53,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cmd, rest := args[0], args[1:]
+	if code, ok := runOperate(cmd, rest, stdout, stderr); ok {
+		return code
+	}
 	fs := flag.NewFlagSet("cellrun "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { usage(stderr) }
@@ -109,7 +114,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "cellrun: %v\n", err)
 			return exitFailure
 		}
-		return runCell(b, doc, *keep, stderr)
+		return runCell(b, b.Create, doc, *keep, stderr)
 	default:
 		fmt.Fprintf(stderr, "cellrun: unknown command %q\n", cmd)
 		usage(stderr)
@@ -135,13 +140,14 @@ func readDocument(path string) (*cellos.ExecutionCellDocument, error) {
 }
 
 // runCell runs the cell to its end. SIGINT, SIGTERM and SIGHUP destroy it.
-func runCell(b *gvisor.Backend, doc *cellos.ExecutionCellDocument, keep bool, stderr io.Writer) int {
+func runCell(b *gvisor.Backend, launch func(context.Context, *cellos.ExecutionCellDocument) (cellos.CellHandle, error),
+	doc *cellos.ExecutionCellDocument, keep bool, stderr io.Writer) int {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
 	start := time.Now()
-	h, err := b.Create(context.Background(), doc)
+	h, err := launch(context.Background(), doc)
 	if err != nil {
 		fmt.Fprintf(stderr, "cellrun: %v\n", err)
 		return exitFailure
