@@ -627,7 +627,7 @@ func (b *Backend) teardown(c *cell) error {
 		}
 	}
 	b.releaseStateRoot(c.runsc) // current runsc's pinned null-netns, once no container is left
-	if b.cg != nil {
+	if b.cg != nil && ownsCgroups(c, bundleIsDir) {
 		if left, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}
@@ -681,6 +681,27 @@ func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// ownsCgroups reports whether the cgroups named after c's id are c's. Cgroup paths are host-wide
+// (/cellos/<id>) while ids are unique per bundle root only, so a cell of another root may use the
+// same path: the cgroups are c's only when c was created with limits — as tracked here or, for an
+// untracked id, as its bundle's config says.
+func ownsCgroups(c *cell, bundleIsDir bool) bool {
+	if c.created {
+		return c.handle.CgroupPath != nil
+	}
+	return bundleIsDir && configUsesCgroups(c)
+}
+
+// configUsesCgroups reports whether the cell's config.json places it in its own cgroups.
+func configUsesCgroups(c *cell) bool {
+	var cfg struct {
+		Linux struct {
+			CgroupsPath string `json:"cgroupsPath"`
+		} `json:"linux"`
+	}
+	return readJSON(filepath.Join(c.paths.bundle, fileConfig), &cfg) == nil && cfg.Linux.CgroupsPath == cgroups.Path(c.id)
 }
 
 // waitFor reports whether the process exits within d.

@@ -308,3 +308,24 @@ func TestFaultTwoHundredCells(t *testing.T) {
 	assert.Empty(t, state, "runsc state left")
 	goleak.VerifyNone(t, goleakOpts)
 }
+
+// Cgroup paths are host-wide (/cellos/<id>) while ids are unique per bundle root: tearing down a
+// cell of one root must not touch the cgroups of a same-named cell of another.
+func TestFaultSameIDOtherRootKeepsCgroups(t *testing.T) {
+	t.Parallel()
+	a, b := newRealEnv(t), newRealEnv(t)
+	d := sh("shared-id-cg", "echo up; sleep 30")
+	d.Spec.Resources = &cellos.ResourceSpec{MemoryBytes: 128 << 20}
+	h := b.create(d)
+	require.Eventually(t, func() bool { return b.out("shared-id-cg").stdout.String() == "up\n" }, 10*time.Second, 10*time.Millisecond)
+	// The same id without limits in the other root, and a Destroy of it there.
+	st, err := a.run(sh("shared-id-cg", "true"))
+	require.NoError(t, err)
+	require.Equal(t, cellos.ExitExited, st.Reason)
+	a.destroy(cellos.CellHandle{CellID: "shared-id-cg"})
+	assert.NotEmpty(t, cgroupDirs("shared-id-cg"), "the other root's cgroups were removed")
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err = b.b.WaitForExit(ctx, h.CellID)
+	assert.ErrorIs(t, err, context.DeadlineExceeded, "the other root's cell was killed")
+}

@@ -130,7 +130,7 @@ func (b *Backend) adopt(c *cell) bool {
 		return false
 	}
 	c.pid = pid
-	if b.cg != nil && len(b.cg.Dirs(id)) > 0 {
+	if b.cg != nil && configUsesCgroups(c) {
 		cgPath := cgroups.Path(id)
 		c.handle.CgroupPath = &cgPath
 		c.memory = b.cg.MemoryDir(id)
