@@ -732,6 +732,7 @@ func (w *specWriter) resources(r *specs.LinuxResources) {
 		w.optInt(&f, "limit", m.Limit)
 		w.optInt(&f, "reservation", m.Reservation)
 		w.optInt(&f, "swap", m.Swap)
+		//lint:ignore SA1019 deprecated, but encoding/json writes it when set, and so does this
 		w.optInt(&f, "kernel", m.Kernel)
 		w.optInt(&f, "kernelTCP", m.KernelTCP)
 		w.optUint(&f, "swappiness", m.Swappiness)

@@ -65,7 +65,9 @@ func TestSpecWriterMatchesEncodingJSON(t *testing.T) {
 			func(s *specs.Spec) { s.Mounts, s.Annotations = []specs.Mount{}, map[string]string{} },
 			func(s *specs.Spec) { s.Process.Capabilities = nil; s.Process.Args = nil; s.Process.Env = []string{} },
 			func(s *specs.Spec) { s.Linux.Resources = &specs.LinuxResources{} },
-			func(s *specs.Spec) { s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.UserNamespace, Path: "/proc/1/ns/user"}} },
+			func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.UserNamespace, Path: "/proc/1/ns/user"}}
+			},
 			func(s *specs.Spec) { s.Mounts[0].Options = []string{} },
 		} {
 			spec := BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), CgroupsPath: "/x"})
@@ -95,7 +97,9 @@ func setStrings(spec *specs.Spec, s string) {
 // added by a newer runtime-spec, say) fails here.
 func TestSpecWriterFields(t *testing.T) {
 	doc := parseSpec(t, goldenCases[1].doc)
-	base := func() *specs.Spec { return BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), CgroupsPath: "/cellos/x"}) }
+	base := func() *specs.Spec {
+		return BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), CgroupsPath: "/cellos/x"})
+	}
 	var paths [][]int
 	fieldPaths(reflect.TypeFor[specs.Spec](), nil, &paths)
 	require.Greater(t, len(paths), 100)

@@ -124,14 +124,3 @@ func (t *tracker) isDestroying(c *cell) bool {
 	defer t.mu.Unlock()
 	return c.destroying
 }
-
-// snapshot lists the created cells.
-func (t *tracker) snapshot() []*cell {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	var out []*cell
-	for _, c := range t.cells {
-		out = append(out, c)
-	}
-	return out
-}

@@ -259,9 +259,9 @@ func (d *decoder) boolean(dst *bool) bool {
 	return false
 }
 
-// integer reads an integer literal of at most 19 digits (any number that fits in 64 bits and more
-// than int64 holds). Fractions and exponents are left unread, so the caller fails on them:
-// encoding/json refuses them for integer fields.
+// integer reads an integer literal of at most 19 digits, which covers every int64 and uint32; a
+// longer one fails (it overflows those types). Fractions and exponents are left unread, so the
+// caller fails on them: encoding/json refuses them for integer fields.
 func (d *decoder) integer() (mag uint64, neg, ok bool) {
 	i := d.i
 	if i < len(d.data) && d.data[i] == '-' {

@@ -67,18 +67,15 @@ func edgeDocuments() []string {
 			docs = append(docs, strings.Replace(exampleDoc, old, n, 1))
 		}
 	}
-	for _, d := range []string{
+	return append(docs,
 		``, ` `, `null`, ` null `, `nul`, `nullnull`, `{}`, `[]`, `1`, `"x"`, `{`, `}`, `{"apiVersion"}`, `{"apiVersion":}`,
 		`{"apiVersion":"cellos.dev/v1",}`, `{,}`, `{} {}`, `{}x`, "\ufeff{}", `{"spec":{"run":null}}`, `{"spec":null}`,
 		`{"spec":{"run":{"argv":[null]}}}`, `{"spec":{"run":{"user":{"uid":1,"gid":2,"gid":3}}}}`,
 		`{"spec":{"run":{"user":{"uid":null,"gid":null}}}}`, `{"spec":{"run":{"user":null}}}`,
 		`{"spec":{"mounts":[null,{"readOnly":null},{"readOnly":false}]}}`, `{"spec":{"network":{"egress":[null]}}}`,
 		`{"spec":{"network":{"egress":[{"port":9223372036854775807}]}}}`, `{"spec":{"network":{"egress":[{"port":-0}]}}}`,
-		exampleDoc + "\x00", "\x00" + exampleDoc, exampleDoc[:len(exampleDoc)-1],
-	} {
-		docs = append(docs, d)
-	}
-	return docs
+		exampleDoc+"\x00", "\x00"+exampleDoc, exampleDoc[:len(exampleDoc)-1],
+	)
 }
 
 func TestFastPathMatchesSlowPath(t *testing.T) {

@@ -220,7 +220,8 @@ var docType = reflect.TypeFor[ExecutionCellDocument]()
 
 // checkShape walks the JSON token stream against the document's Go types. encoding/json alone
 // would accept duplicate keys (the last wins) and keys in any letter case: either could silently
-// drop a declared limit.
+// drop a declared limit. It also refuses objects without their requiredKeys. It allocates for
+// every token: ParseDocument runs it only for documents its fast path (decodeStrict) refuses.
 func checkShape(data []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
