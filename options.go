@@ -112,8 +112,9 @@ func WithOutputCap(bytes int64) Option {
 	}
 }
 
-// WithPlatform selects runsc's platform (ptrace, systrap, kvm). Unset, runsc picks its default;
-// kvm is never chosen by the library.
+// WithPlatform selects runsc's platform (ptrace, systrap, kvm). Unset, the library picks systrap
+// where the runsc binary has it, else runsc's own default (ptrace); kvm is never chosen by the
+// library (see Backend.Runtime). A platform the binary does not offer fails Create (ErrHost).
 func WithPlatform(name string) Option {
 	return func(o *options) error {
 		if name == "" || strings.ContainsAny(name, " =\t\n") {

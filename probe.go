@@ -64,6 +64,10 @@ type RuntimeFeatures struct {
 	Systrap bool
 	// Rootless: the --rootless flag, needed when the library does not run as root.
 	Rootless bool
+	// PinnedNetNS: the binary pins an empty network namespace for its gofers in the state root
+	// (--gofer-network-namespace=null, current runsc's default), the null-netns mount that the
+	// library removes once the root holds no container (stateroot.go).
+	PinnedNetNS bool
 }
 
 // HasFlag reports whether the binary knows the global flag name (without dashes).
@@ -368,6 +372,7 @@ func (p *probed) info(platformOpt string, root bool) (RuntimeInfo, error) {
 		Overlay2Default: ov.Default,
 		Systrap:         slices.Contains(p.platforms, "systrap"),
 		Rootless:        info.HasFlag("rootless"),
+		PinnedNetNS:     p.flags["gofer-network-namespace"].Default == "null",
 	}
 	var missing []string
 	for _, f := range requiredFlags {
@@ -465,6 +470,7 @@ func (b *Backend) runtime(ctx context.Context, path, op, cellID string) (Runtime
 			zap.String("spec", info.Spec), zap.Strings("platforms", info.Platforms),
 			zap.String("defaultPlatform", info.DefaultPlatform), zap.String("platform", info.Platform),
 			zap.Bool("overlay2", info.Features.Overlay2), zap.String("overlay2Default", info.Features.Overlay2Default),
+			zap.Bool("pinnedNetNS", info.Features.PinnedNetNS),
 			zap.Bool("probedNow", ran), zap.Duration("probeTook", info.ProbeTook))
 	}
 	return info, nil

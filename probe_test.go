@@ -119,7 +119,7 @@ func TestProbeInfoPerGeneration(t *testing.T) {
 	cur, err := probedFrom(t, genCurrent).info("", true)
 	require.NoError(t, err)
 	assert.Equal(t, "systrap", cur.Platform)
-	assert.Equal(t, RuntimeFeatures{Overlay2: true, Overlay2Default: "root:self", Systrap: true, Rootless: true}, cur.Features)
+	assert.Equal(t, RuntimeFeatures{Overlay2: true, Overlay2Default: "root:self", Systrap: true, Rootless: true, PinnedNetNS: true}, cur.Features)
 	assert.True(t, cur.HasFlag("gofer-network-namespace"))
 
 	b := &Backend{}

@@ -123,13 +123,13 @@ func TestRealStateRootEmptyAfterLastCell(t *testing.T) {
 	require.NoError(t, err)
 	info, err := e.b.Runtime(context.Background())
 	require.NoError(t, err)
-	if info.HasFlag("gofer-network-namespace") {
+	if info.Features.PinnedNetNS {
 		assert.NotEmpty(t, mountedUnder(t, state), "current runsc pins its gofers' network namespace in --root")
 	} else {
 		assert.Empty(t, mountedUnder(t, state), "Debian's runsc mounts nothing in --root")
 	}
 	e.destroy(bh)
-	if info.HasFlag("gofer-network-namespace") {
+	if info.Features.PinnedNetNS {
 		assert.NotEmpty(t, mountedUnder(t, state), "kept while a cell still uses the state root")
 	}
 	e.destroy(a)
