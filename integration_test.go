@@ -243,7 +243,7 @@ func TestRealTTL(t *testing.T) {
 	st, err := e.run(d)
 	require.NoError(t, err)
 	assert.Equal(t, cellos.ExitStatus{Code: 137, Signal: 9, Reason: cellos.ExitDeadlineExceeded}, st)
-	assert.Less(t, time.Since(start), 15*time.Second)
+	assert.Less(t, time.Since(start), 30*time.Second) // TTL 1 s; generous for a loaded 2-core machine
 }
 
 func TestRealRunscFailure(t *testing.T) {
