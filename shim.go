@@ -2,7 +2,6 @@ package gvisor
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
+	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
 // The shim is the small process that waits on `runsc run` for one cell. The library starts it by
@@ -343,34 +343,14 @@ func writePidFile(path string, pid int) error {
 
 // processStart reads a process's start time from /proc.
 func processStart(pid int) (uint64, error) {
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, err
-	}
-	// The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
-	i := bytes.LastIndexByte(data, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
-	}
-	fields := strings.Fields(string(data[i+1:]))
-	if len(fields) < 20 {
-		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
-	}
-	return strconv.ParseUint(fields[19], 10, 64)
+	st, err := proc.ReadStat(pid)
+	return st.Start, err
 }
 
 // alive reports whether the process recorded in rec still runs (and is not a zombie).
 func (rec pidRecord) alive() bool {
-	start, err := processStart(rec.Pid)
-	if err != nil || start != rec.Start {
-		return false
-	}
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(rec.Pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	i := bytes.LastIndexByte(data, ')')
-	return i >= 0 && i+2 < len(data) && data[i+2] != 'Z' && data[i+2] != 'X'
+	st, err := proc.ReadStat(rec.Pid)
+	return err == nil && st.Start == rec.Start && st.State != 'Z' && st.State != 'X'
 }
 
 func writeJSONAtomic(path string, v any) error {

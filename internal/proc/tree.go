@@ -43,31 +43,56 @@ func Descendants(pid int) []int {
 	return out
 }
 
-// CPUNanos is the CPU time (user and system) pid has used, plus that of the children it has
-// reaped, in nanoseconds (10 ms resolution).
-func CPUNanos(pid int) (uint64, error) {
+// Stat is what the library reads of /proc/<pid>/stat.
+type Stat struct {
+	State byte   // R, S, D, Z, X, ...
+	Start uint64 // start time in clock ticks since boot: with the pid, it names one process
+	Ticks uint64 // CPU time in clock ticks: user and system, its own and its reaped children's
+}
+
+// ReadStat parses /proc/<pid>/stat.
+func ReadStat(pid int) (Stat, error) {
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, err
+		return Stat{}, err
 	}
+	return parseStat(data)
+}
+
+func parseStat(data []byte) (Stat, error) {
 	// The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
 	i := bytes.LastIndexByte(data, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
+		return Stat{}, fmt.Errorf("malformed stat line")
 	}
 	fields := strings.Fields(string(data[i+1:]))
-	if len(fields) < 15 {
-		return 0, fmt.Errorf("malformed /proc/%d/stat", pid)
+	if len(fields) < 20 || len(fields[0]) != 1 {
+		return Stat{}, fmt.Errorf("malformed stat line")
 	}
-	var ticks uint64
+	st := Stat{State: fields[0][0]}
 	for _, f := range fields[11:15] { // utime, stime, cutime, cstime (fields 14-17)
 		n, err := strconv.ParseUint(f, 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("malformed /proc/%d/stat: %w", pid, err)
+			return Stat{}, fmt.Errorf("malformed stat line: %w", err)
 		}
-		ticks += n
+		st.Ticks += n
 	}
-	return ticks * (1_000_000_000 / ticksPerSecond), nil
+	start, err := strconv.ParseUint(fields[19], 10, 64) // starttime (field 22)
+	if err != nil {
+		return Stat{}, fmt.Errorf("malformed stat line: %w", err)
+	}
+	st.Start = start
+	return st, nil
+}
+
+// CPUNanos is the CPU time (user and system) pid has used, plus that of the children it has
+// reaped, in nanoseconds (10 ms resolution).
+func CPUNanos(pid int) (uint64, error) {
+	st, err := ReadStat(pid)
+	if err != nil {
+		return 0, err
+	}
+	return st.Ticks * (1_000_000_000 / ticksPerSecond), nil
 }
 
 // PSSBytes is pid's proportional set size: its resident memory, each page shared with other
