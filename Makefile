@@ -1,5 +1,6 @@
 # One command runs a real cell (make run), one passes the tests (make test). Both install what they
-# need on a fresh Debian machine: runsc (Debian's package), busybox-static, staticcheck.
+# need on a fresh Debian machine: runsc (Debian's package), busybox-static, nftables, iproute2,
+# staticcheck.
 
 SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
@@ -25,6 +26,9 @@ test-current: deps runsc-current
 # Debian packages the tests need, installed only when missing.
 deps: runsc tools
 	@command -v busybox >/dev/null || { $(SUDO) apt-get install -y busybox-static || { $(SUDO) apt-get update && $(SUDO) apt-get install -y busybox-static; }; }
+	@# nft and ip: cells with egress rules (nft) and the network tests' own test hosts (ip).
+	@[ -x /usr/sbin/nft ] || command -v nft >/dev/null || { $(SUDO) apt-get install -y nftables || { $(SUDO) apt-get update && $(SUDO) apt-get install -y nftables; }; }
+	@[ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || command -v ip >/dev/null || { $(SUDO) apt-get install -y iproute2 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y iproute2; }; }
 
 runsc:
 	@command -v runsc >/dev/null || { $(SUDO) apt-get install -y runsc || { $(SUDO) apt-get update && $(SUDO) apt-get install -y runsc; }; }

@@ -30,7 +30,8 @@ type Backend struct {
 	cells *tracker
 	root  bool // the library runs as root
 
-	probed probeLog // the runsc binaries whose probe this Backend has logged (probe.go)
+	probed probeLog  // the runsc binaries whose probe this Backend has logged (probe.go)
+	pool   *warmPool // WithWarmPool's idle sandboxes (pool.go); nil without
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -59,6 +60,7 @@ func New(opts ...Option) (*Backend, error) {
 	if cg, err := cgroups.Detect(); err == nil && cg.Available() {
 		b.cg = cg
 	}
+	b.pool = newWarmPool(b, o.warmPool) // starts filling in the background
 	return b, nil
 }
 
@@ -105,9 +107,13 @@ func (b *Backend) locate() location {
 }
 
 func (b *Backend) newCell(id string, loc location) *cell {
+	bundle, runscID := filepath.Join(loc.root, id), RunscID(loc.root, id)
+	if pooled, ok := pooledRunscID(bundle); ok { // a cell in a warm-pool sandbox has the sandbox's id (pool.go)
+		runscID = pooled
+	}
 	return &cell{
 		id:     id,
-		paths:  cellPaths{root: loc.root, bundle: filepath.Join(loc.root, id), runscID: RunscID(loc.root, id)},
+		paths:  cellPaths{root: loc.root, bundle: bundle, runscID: runscID},
 		runsc:  loc.runsc,
 		ready:  make(chan struct{}),
 		exited: make(chan struct{}),
@@ -140,12 +146,20 @@ func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCe
 	if err := b.useRuntime(ctx, s, &loc); err != nil { // probes the binary once, then cached
 		return cellos.CellHandle{}, relabel(err, op)
 	}
+	nw, err := b.planNetwork(ctx, s, loc) // nil, at no cost, for a cell without egress rules
+	if err != nil {
+		return cellos.CellHandle{}, relabel(err, op)
+	}
 	c := b.newCell(s.ID, loc)
+	c.net = nw
 	if other := b.cells.claim(c); other != nil {
 		return cellos.CellHandle{}, cellos.Errorf(op, s.ID, cellos.ErrAlreadyExists, "a cell with this id is tracked or being torn down")
 	}
 	start := time.Now()
-	err := b.create(ctx, c, doc, image)
+	pooled, err := b.createFromPool(ctx, c, doc, image) // pool.go: false when the cell starts cold
+	if !pooled {
+		err = b.create(ctx, c, doc, image)
+	}
 	if err != nil {
 		b.cells.release(c)
 		close(c.ready)
@@ -165,11 +179,7 @@ func (b *Backend) supports(s *cellos.CellSpec) error {
 		return cellos.FieldError{Field: "spec.resources.pids",
 			Reason: "a pids limit is not supported: runsc counts its own threads against it and the sandbox breaks; use 0"}
 	}
-	if s.Network != nil && len(s.Network.Egress) > 0 {
-		return cellos.FieldError{Field: "spec.network.egress",
-			Reason: "egress rules are not enforced by this backend yet, so they are refused; cells get loopback only"}
-	}
-	return nil
+	return egressSupported(s)
 }
 
 // checkHost checks what the document asks of the host, before anything is written.
@@ -264,7 +274,12 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 		cgPath := cgroups.Path(s.ID)
 		c.handle.CgroupPath = &cgPath
 	}
-	flags := cellFlags{Log: filepath.Join(p.bundle, fileRunscLog), IgnoreCgroups: !wantsCg, Overlay: "none"}
+	if c.net != nil {
+		if err := b.setupNetwork(ctx, c); err != nil {
+			return err
+		}
+	}
+	flags := cellFlags{Log: filepath.Join(p.bundle, fileRunscLog), IgnoreCgroups: !wantsCg, Overlay: "none", Network: c.net.runscNetwork()}
 	if s.Rootfs != nil && s.Rootfs.Writable {
 		flags.Overlay = "root:memory"
 	}
@@ -298,7 +313,7 @@ func (b *Backend) writeBundle(c *cell, doc *cellos.ExecutionCellDocument, wantsC
 	} else if err := mountImage(bundle, s.Rootfs.Path); err != nil {
 		return err
 	}
-	in := SpecInputs{HostSystem: b.host}
+	in := SpecInputs{HostSystem: b.host, NetNSPath: c.net.nsPath()}
 	if wantsCg {
 		in.CgroupsPath = cgroups.Path(s.ID)
 	}
@@ -464,7 +479,7 @@ func openShim(pid pidRecord, bundle string) (*proc.Handle, error) {
 
 func isShimOf(pid int, bundle string) bool {
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && string(cmdline) == shimArgv0+"\x00"+bundle+"\x00"
+	return err == nil && (string(cmdline) == shimArgv0+"\x00"+bundle+"\x00" || isKeeperOf(cmdline, bundle))
 }
 
 // readExit reads the exit record the shim left.
@@ -632,6 +647,9 @@ func (b *Backend) teardown(c *cell) error {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}
 	}
+	if err := b.releaseNetwork(c, bundleIsDir); err != nil {
+		errs = append(errs, err)
+	}
 	switch {
 	case lerr != nil:
 	case len(errs) > 0:
@@ -738,6 +756,11 @@ func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
 			errs = append(errs, err)
 		}
 	}
+	if c.net != nil && c.net.cell != nil { // a failed setup removed what it made, and nothing else
+		if err := b.releaseNetwork(c, true); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := removeBundle(c.paths.bundle, true); err != nil {
 		errs = append(errs, err)
 	}
@@ -773,6 +796,7 @@ func (b *Backend) Config(doc *cellos.ExecutionCellDocument) ([]byte, error) {
 	if s.WantsCgroups() {
 		in.CgroupsPath = cgroups.Path(s.ID)
 	}
+	in.NetNSPath = egressNetNS(b.locate().root, s)
 	data, err := MarshalSpec(BuildSpec(doc, in))
 	if err != nil {
 		return nil, cellos.NewError(op, s.ID, cellos.ErrHost, err)

@@ -683,9 +683,9 @@ func TestFakeUnsupported(t *testing.T) {
 	e := fakeSetup(t)
 	pids := fakeDoc("pids-1")
 	pids.Spec.Resources = &cellos.ResourceSpec{Pids: 64}
-	egress := fakeDoc("egress-1")
-	egress.Spec.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{{CIDR: "203.0.113.0/24", Port: 443, Protocol: "tcp"}}}
-	for field, d := range map[string]*cellos.ExecutionCellDocument{"spec.resources.pids": pids, "spec.network.egress": egress} {
+	egress := fakeDoc("egress-1") // IPv6 egress: a cell's link is IPv4 only
+	egress.Spec.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{{CIDR: "2001:db8::/32", Port: 443, Protocol: "tcp"}}}
+	for field, d := range map[string]*cellos.ExecutionCellDocument{"spec.resources.pids": pids, "spec.network.egress[0].cidr": egress} {
 		_, err := e.b.Create(context.Background(), d)
 		require.ErrorIs(t, err, cellos.ErrUnsupported, field)
 		require.NotErrorIs(t, err, cellos.ErrInvalidSpec)

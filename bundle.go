@@ -73,6 +73,7 @@ func ProbeHostSystem() []HostEntry {
 type SpecInputs struct {
 	HostSystem  []HostEntry // what a cell without rootfs sees of the host; see ProbeHostSystem
 	CgroupsPath string      // linux.cgroupsPath; "" when the cell has no limits
+	NetNSPath   string      // the network namespace to join (a cell with egress rules); "" for a new, empty one
 }
 
 // BuildSpec turns a validated document into the OCI runtime config of its bundle. The result is
@@ -103,7 +104,7 @@ func BuildSpec(doc *cellos.ExecutionCellDocument, in SpecInputs) *specs.Spec {
 	p.root = specs.Root{Path: dirRootfs, Readonly: s.Rootfs == nil || !s.Rootfs.Writable}
 	p.ns = [5]specs.LinuxNamespace{
 		{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}, {Type: specs.UTSNamespace},
-		{Type: specs.MountNamespace}, {Type: specs.NetworkNamespace},
+		{Type: specs.MountNamespace}, {Type: specs.NetworkNamespace, Path: in.NetNSPath},
 	}
 	p.linux = specs.Linux{Namespaces: p.ns[:]}
 	p.spec = specs.Spec{

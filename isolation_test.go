@@ -42,15 +42,10 @@ func lines(out string) map[string]string {
 	return m
 }
 
-func TestIsolationDefaults(t *testing.T) {
-	t.Parallel()
-	e := newRealEnv(t)
-	// A marker the cell must not see: the host's /tmp and /etc are not the cell's.
-	marker, err := os.CreateTemp("/tmp", "cellos-host-marker-*")
-	require.NoError(t, err)
-	marker.Close()
-	t.Cleanup(func() { os.Remove(marker.Name()) })
-	script := `
+// isolationProbeScript prints, as key=value lines, what a cell sees of its isolation;
+// marker is a host file it must not see. Pooled cells run it too (pool_test.go).
+func isolationProbeScript(marker string) string {
+	return `
 caps=$(grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status | awk '{print $2}' | sort -u | tr '\n' ' ')
 echo "caps=$caps"
 echo "capsets=$(grep -cE '^Cap(Inh|Prm|Eff|Bnd):' /proc/self/status)"
@@ -61,7 +56,7 @@ touch /rootwrite 2>/dev/null && echo "rootwrite=yes" || echo "rootwrite=no"
 touch /usr/cellos-probe 2>/dev/null && echo "usrwrite=yes" || echo "usrwrite=no"
 echo probe > /tmp/probe && echo "tmpwrite=$(cat /tmp/probe)"
 echo "tmpfs=$(awk '$2 == "/tmp" {print $3}' /proc/mounts)"
-test -e ` + marker.Name() + ` && echo "hostmarker=visible" || echo "hostmarker=hidden"
+test -e ` + marker + ` && echo "hostmarker=visible" || echo "hostmarker=hidden"
 echo "ifaces=$(python3 -c 'import socket; print(",".join(n for _, n in socket.if_nameindex()))')"
 echo "hostname=$(cat /proc/sys/kernel/hostname)"
 echo "pid=$$"
@@ -72,7 +67,17 @@ echo "usr=$(test -x /usr/bin/python3 && echo ok)"
 echo "awk=$(awk 'BEGIN{print 42}')"
 echo "resolv=$(wc -c < /etc/resolv.conf)"
 `
-	out := e.probe(sh("defaults", script))
+}
+
+func TestIsolationDefaults(t *testing.T) {
+	t.Parallel()
+	e := newRealEnv(t)
+	// A marker the cell must not see: the host's /tmp and /etc are not the cell's.
+	marker, err := os.CreateTemp("/tmp", "cellos-host-marker-*")
+	require.NoError(t, err)
+	marker.Close()
+	t.Cleanup(func() { os.Remove(marker.Name()) })
+	out := e.probe(sh("defaults", isolationProbeScript(marker.Name())))
 	got := lines(out)
 	// Debian's gVisor has no CapAmb line; the ambient set is read with prctl(PR_CAP_AMBIENT).
 	assert.Equal(t, "0000000000000000", got["caps"], "inheritable, permitted, effective, bounding sets empty")
@@ -365,9 +370,9 @@ func TestIsolationRefusedLimits(t *testing.T) {
 	require.ErrorIs(t, err, cellos.ErrUnsupported)
 	assert.Contains(t, err.Error(), "spec.resources.pids")
 	d = sh("refused", "true")
-	d.Spec.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{{CIDR: "198.51.100.0/24", Port: 443, Protocol: "tcp"}}}
+	d.Spec.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{{CIDR: "2001:db8::/32", Port: 443, Protocol: "tcp"}}} // IPv4 only (network_test.go)
 	_, err = e.b.Create(context.Background(), d)
 	require.ErrorIs(t, err, cellos.ErrUnsupported)
-	assert.Contains(t, err.Error(), "spec.network.egress")
+	assert.Contains(t, err.Error(), "spec.network.egress[0].cidr")
 	assert.Empty(t, e.leftovers())
 }

@@ -400,7 +400,7 @@ func (b *Backend) Signal(ctx context.Context, cellID string, sig syscall.Signal)
 	}
 	mctx, cancel := management(ctx)
 	defer cancel()
-	if err := c.runsc.Kill(mctx, c.paths.runscID, strconv.Itoa(int(sig))); err != nil {
+	if err := b.signalCell(mctx, c, sig); err != nil { // the workload: in a pool sandbox, not its init (pool.go)
 		return b.failed(op, c, err)
 	}
 	return nil
@@ -535,6 +535,9 @@ func (b *Backend) Checkpoint(ctx context.Context, cellID, imageDir string) error
 	c, err := b.live(ctx, op, cellID)
 	if err != nil {
 		return err
+	}
+	if c.isPooled() {
+		return cellos.Errorf(op, cellID, cellos.ErrUnsupported, "the cell runs in a warm-pool sandbox, whose checkpoint would hold the pool's idle process as the cell's; cells of a Backend without WithWarmPool can be checkpointed")
 	}
 	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return err

@@ -31,6 +31,8 @@ type options struct {
 	logger     *zap.Logger
 	output     func(cellID string) (stdout, stderr io.Writer)
 	outputCap  int64
+	net        netOptions // WithCellNetwork, WithEgressUplink, WithHostStackNetworking (network.go)
+	warmPool   int        // WithWarmPool (pool.go)
 }
 
 // WithRunscPath sets the runsc binary (default: "runsc" on $PATH). CELLOS_GVISOR_RUNSC_BIN

@@ -40,7 +40,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 	for _, en := range entries {
 		id := en.Name()
 		if strings.HasPrefix(id, ".") || !cellos.ValidID(id) {
-			if id != filepath.Base(loc.runsc.Root) {
+			if id != filepath.Base(loc.runsc.Root) && id != poolDirName {
 				b.log.Warn("ignoring an entry of the bundle root that is not a cell", zap.String("name", id))
 			}
 			continue
@@ -61,6 +61,9 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 			errs = append(errs, err)
 		}
 	}
+	if err := b.recoverPool(ctx, loc); err != nil { // idle warm-pool sandboxes (pool.go): removed, never listed
+		errs = append(errs, err)
+	}
 	// runsc state whose bundle is gone: Create or Destroy was interrupted.
 	if loc.runscErr == nil {
 		if _, err := os.Stat(loc.runsc.Root); err == nil {
@@ -69,6 +72,9 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 				errs = append(errs, err)
 			}
 			for _, st := range states {
+				if isPoolRunscID(st.ID) {
+					continue // a pool sandbox, idle (recoverPool) or a pooled cell's (recoverCell)
+				}
 				id := filepath.Base(st.Bundle)
 				if filepath.Dir(st.Bundle) != loc.root || !cellos.ValidID(id) || st.ID != RunscID(loc.root, id) {
 					b.log.Warn("runsc state root holds a container that is not this library's", zap.String("runscId", st.ID), zap.String("bundle", st.Bundle))
@@ -136,6 +142,7 @@ func (b *Backend) adopt(c *cell) bool {
 		c.memory = b.cg.MemoryDir(id)
 	}
 	c.handle.CellID = id
+	b.adoptNetwork(c)
 	c.created = true
 	close(c.ready)
 	b.startWatching(c)

@@ -41,6 +41,7 @@ type cellFlags struct {
 	Log           string // runsc's own log, JSON; "" for management commands (errors go to stderr)
 	IgnoreCgroups bool
 	Overlay       string // --overlay2 value
+	Network       string `json:",omitempty"` // --network: "sandbox" or "host" for a cell with egress rules (network.go); "" is none
 }
 
 // globalArgs renders the global flags in a fixed order.
@@ -56,7 +57,11 @@ func (r *runsc) globalArgs(c *cellFlags) []string {
 		args = append(args, "--platform="+r.Platform)
 	}
 	if c != nil {
-		args = append(args, "--network=none")
+		network := "none"
+		if c.Network != "" {
+			network = c.Network
+		}
+		args = append(args, "--network="+network)
 		if c.IgnoreCgroups {
 			args = append(args, "--ignore-cgroups")
 		}

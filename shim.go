@@ -50,6 +50,7 @@ type shimConfig struct {
 	OutputCap    int64     `json:"outputCap"`
 	MemoryCgroup string    `json:"memoryCgroup,omitempty"` // read for OOM kills after the exit
 	RestoreImage string    `json:"restoreImage,omitempty"` // restore from this checkpoint instead of running config.json's process
+	Pool         *poolShim `json:"pool,omitempty"`         // the cell runs in a warm-pool sandbox: runsc exec of its process (pool.go)
 }
 
 // runscArgs is the argv (without the binary) of the runsc process the shim waits on: `run`, or
@@ -57,6 +58,9 @@ type shimConfig struct {
 func (cfg *shimConfig) runscArgs(bundle string) []string {
 	if cfg.RestoreImage != "" {
 		return cfg.Runsc.restoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
+	}
+	if cfg.Pool != nil {
+		return cfg.pooledExecArgs(bundle)
 	}
 	return cfg.Runsc.runArgs(cfg.Flags, bundle, cfg.RunscID)
 }
@@ -168,6 +172,9 @@ func runShim(bundle string, started func()) (*exitRecord, error) {
 	}
 	<-exited
 	rec.ExitedAt = time.Now().UTC()
+	if cfg.Pool != nil {
+		releasePooled(&cfg) // the pool sandbox goes with its workload, as a cold cell's with runsc run
+	}
 
 	// The sandbox's processes hold the pipes too; they are gone or going once runsc has
 	// exited. Do not let a straggler hold the record back.

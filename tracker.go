@@ -24,6 +24,8 @@ type cell struct {
 	pid      pidRecord
 	follower *follow.Follower
 	memory   string // the memory cgroup directory, "" without limits
+
+	net *cellNet // the cell's own network when it has egress rules (network.go); nil without
 	// ----
 	created bool // Create succeeded (or Recover adopted it); false for placeholders
 

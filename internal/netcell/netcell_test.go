@@ -1,0 +1,234 @@
+package netcell
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/cellos/cellos-host-gvisor/internal/nettest"
+)
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+func TestNetworkFreeSlot(t *testing.T) {
+	pool := pfx("10.77.0.0/28") // four /30s
+	for _, tc := range []struct {
+		used []netip.Prefix
+		want string
+		ok   bool
+	}{
+		{nil, "10.77.0.0/30", true},
+		{[]netip.Prefix{pfx("10.77.0.1/32"), pfx("10.77.0.0/30")}, "10.77.0.4/30", true},
+		{[]netip.Prefix{pfx("10.77.0.6/32")}, "10.77.0.0/30", true},
+		{[]netip.Prefix{pfx("10.77.0.0/29")}, "10.77.0.8/30", true},
+		{[]netip.Prefix{pfx("10.0.0.0/8")}, "", false}, // the host routes all of it elsewhere
+		{[]netip.Prefix{pfx("10.77.0.0/30"), pfx("10.77.0.13/32"), pfx("10.77.0.4/31"), pfx("10.77.0.9/32")}, "", false},
+		{[]netip.Prefix{pfx("192.0.2.0/24"), pfx("10.78.0.0/16")}, "10.77.0.0/30", true}, // outside the pool
+	} {
+		got, ok := freeSlot(pool, tc.used)
+		require.Equal(t, tc.ok, ok, "%v", tc.used)
+		if ok {
+			assert.Equal(t, tc.want, got.String(), "%v", tc.used)
+		}
+	}
+	got, ok := freeSlot(pfx("198.51.100.252/30"), nil)
+	require.True(t, ok)
+	assert.Equal(t, "198.51.100.252/30", got.String())
+	got, ok = freeSlot(pfx("10.0.0.0/8"), []netip.Prefix{pfx("10.0.0.0/9")})
+	require.True(t, ok)
+	assert.Equal(t, "10.128.0.0/30", got.String())
+}
+
+func TestNetworkNames(t *testing.T) {
+	a, b := HostIfName("cellos-0123456789abcdef01234567"), HostIfName("cellos-0123456789abcdef01234568")
+	assert.Len(t, a, 15)
+	assert.True(t, strings.HasPrefix(a, IfPrefix))
+	assert.NotEqual(t, a, b)
+	assert.Equal(t, "/run/netns/x", NetnsPath("x"))
+	require.NoError(t, CheckIfName("eth0"))
+	require.NoError(t, CheckIfName("enp0s31f6.100"))
+	for _, bad := range []string{"", "a b", `a"b`, "0123456789abcdef", "a/b", "..", "eth0;x"} {
+		assert.Error(t, CheckIfName(bad), "%q", bad)
+	}
+	require.NoError(t, CheckPool(pfx("10.77.0.0/16")))
+	for _, bad := range []string{"10.77.0.1/16", "10.77.0.0/31", "0.0.0.0/0", "2001:db8::/64"} {
+		assert.Error(t, CheckPool(pfx(bad)), bad)
+	}
+}
+
+func TestNetworkSetupBatch(t *testing.T) {
+	c := &Cell{HostIf: "cellosabcdef012", Pool: pfx("10.77.0.0/16"), Rules: []Rule{
+		{pfx("203.0.113.0/24"), 443, "tcp"}, {pfx("198.51.100.7/32"), 53, "udp"}, {pfx("203.0.113.0/24"), 443, "tcp"},
+	}}
+	batch := setupBatch(c)
+	for _, want := range []string{
+		"add chain inet cellos forward { type filter hook forward priority filter ; policy accept ; }\nflush chain inet cellos forward\n" +
+			"add rule inet cellos forward ct state established,related accept\n" +
+			"add rule inet cellos forward oifname \"cellos*\" reject with icmpx type admin-prohibited\n" +
+			"add rule inet cellos forward iifname vmap @egress\n" +
+			"add rule inet cellos forward iifname \"cellos*\" reject with icmpx type admin-prohibited\n",
+		"add rule inet cellos input iifname vmap @egress\n",
+		"add rule inet cellos output oifname \"cellos*\" reject with icmpx type admin-prohibited\n",
+		"add chain inet cellos cellosabcdef012\nflush chain inet cellos cellosabcdef012\n" +
+			"add rule inet cellos cellosabcdef012 ip daddr 10.77.0.0/16 reject with icmpx type admin-prohibited\n" +
+			"add rule inet cellos cellosabcdef012 ip daddr 203.0.113.0/24 tcp dport 443 ct state new accept\n" +
+			"add rule inet cellos cellosabcdef012 ip daddr 198.51.100.7/32 udp dport 53 ct state new accept\n" +
+			"add rule inet cellos cellosabcdef012 reject with icmpx type admin-prohibited\n" +
+			"add element inet cellos egress { \"cellosabcdef012\" : jump cellosabcdef012 }\n",
+	} {
+		assert.Contains(t, batch, want)
+	}
+	assert.Equal(t, 1, strings.Count(batch, "tcp dport 443"), "repeated rules are dropped")
+	assert.NotContains(t, batch, "postrouting", "no nat chain without an uplink")
+	assert.NotContains(t, batch, "saddr", "rules never match on the source address")
+
+	c.Uplink = "eth0"
+	batch = setupBatch(c)
+	assert.Contains(t, batch, "add chain inet cellos postrouting { type nat hook postrouting priority srcnat ; policy accept ; }\n"+
+		"flush chain inet cellos postrouting\nadd rule inet cellos postrouting iifname vmap @egress_nat\n")
+	assert.Contains(t, batch, "add rule inet cellos cellosabcdef012-nat oifname \"eth0\" masquerade\n"+
+		"add element inet cellos egress_nat { \"cellosabcdef012\" : jump cellosabcdef012-nat }\n")
+}
+
+// needHost skips unless the test may change the host's network (root, nft, ip) and guards the
+// host's state: exactly as before at the end.
+func needHost(t *testing.T) {
+	t.Helper()
+	nettest.Guard(t)
+}
+
+func TestNetworkSetupTeardownLeavesHostAsBefore(t *testing.T) {
+	needHost(t)
+	var recorded []*Cell
+	record := func(c *Cell) error { cp := *c; recorded = append(recorded, &cp); return nil }
+	spec := Spec{Name: "cellos-test-netcell-a", Pool: nettest.CellPool,
+		Rules: []Rule{{pfx("198.51.100.2/32"), 8080, "tcp"}}}
+	start := time.Now()
+	a, err := Setup(context.Background(), spec, record)
+	require.NoError(t, err)
+	t.Logf("setup took %v", time.Since(start))
+	t.Cleanup(func() { _ = Teardown(a.Name) })
+	require.Len(t, recorded, 1)
+	assert.Equal(t, *recorded[0], *a)
+	assert.Equal(t, "198.51.100.129/30", a.HostAddr.String())
+	assert.Equal(t, "198.51.100.130/30", a.CellAddr.String())
+	assert.FileExists(t, a.Netns)
+	assert.True(t, Exists(a.Name))
+
+	out := nettest.Run(t, "ip", "-o", "addr", "show", "dev", a.HostIf)
+	assert.Contains(t, out, "inet 198.51.100.129/30")
+	assert.NotContains(t, out, "inet6", "no IPv6 on the cell's link")
+	v, err := ReadSysctl("net/ipv4/conf/" + a.HostIf + "/forwarding")
+	require.NoError(t, err)
+	assert.Equal(t, "1", v, "forwarding on the cell's veth")
+	v, _ = ReadSysctl("net/ipv4/conf/" + a.HostIf + "/rp_filter")
+	assert.Equal(t, "1", v, "strict reverse-path filtering on the cell's veth")
+	v, _ = ReadSysctl("net/ipv4/conf/all/forwarding")
+	assert.Equal(t, "0", v, "never global forwarding (the host had it off)")
+	inside := nettest.Run(t, "ip", "-n", a.Name, "-o", "addr")
+	assert.Contains(t, inside, "eth0    inet 198.51.100.130/30")
+	assert.NotContains(t, inside, "inet6 fe80", "no IPv6 inside")
+	assert.Contains(t, nettest.Run(t, "ip", "-n", a.Name, "route"), "default via 198.51.100.129 dev eth0")
+	rules := nettest.Run(t, "nft", "list", "table", "inet", "cellos")
+	assert.Contains(t, rules, "ip daddr 198.51.100.2 tcp dport 8080 ct state new accept")
+	assert.Contains(t, rules, `"`+a.HostIf+`" : jump `+a.HostIf)
+
+	// A second cell takes the next /30; the table stays until both are gone.
+	b, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-b", Pool: nettest.CellPool, Uplink: "lo"}, record)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = Teardown(b.Name) })
+	assert.Equal(t, "198.51.100.133/30", b.HostAddr.String())
+	rules = nettest.Run(t, "nft", "list", "table", "inet", "cellos")
+	assert.Contains(t, rules, `oifname "lo" masquerade`)
+
+	// The same name twice is refused.
+	_, err = Setup(context.Background(), spec, record)
+	require.ErrorIs(t, err, ErrExists)
+
+	start = time.Now()
+	require.NoError(t, Teardown(a.Name))
+	t.Logf("teardown took %v", time.Since(start))
+	require.NoError(t, Teardown(a.Name), "idempotent")
+	assert.NoFileExists(t, a.Netns)
+	rules = nettest.Run(t, "nft", "list", "table", "inet", "cellos")
+	assert.NotContains(t, rules, a.HostIf)
+	assert.Contains(t, rules, b.HostIf)
+
+	// The freed /30 is taken again.
+	c, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-c", Pool: nettest.CellPool}, record)
+	require.NoError(t, err)
+	assert.Equal(t, "198.51.100.129/30", c.HostAddr.String())
+	require.NoError(t, Teardown(c.Name))
+	require.NoError(t, Teardown(b.Name))
+	_, err = exec.Command("nft", "list", "table", "inet", "cellos").CombinedOutput()
+	assert.Error(t, err, "the table goes with the last cell")
+}
+
+func TestNetworkSkipsAddressesInUse(t *testing.T) {
+	needHost(t)
+	// An address of the host inside the pool (another Backend's cell, or the operator's).
+	h := nettest.NewHost(t, 0)
+	pool := pfx("198.51.100.0/29") // two /30s; test host 0 holds the first
+	c, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-d", Pool: pool}, func(*Cell) error { return nil })
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = Teardown(c.Name) })
+	assert.Equal(t, "198.51.100.5/30", c.HostAddr.String(), "next to %s", h.Gateway)
+	_, err = Setup(context.Background(), Spec{Name: "cellos-test-netcell-e", Pool: pool}, func(*Cell) error { return nil })
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "no free /30")
+	require.NoError(t, Teardown(c.Name))
+}
+
+func TestNetworkSetupFailureLeavesNothing(t *testing.T) {
+	needHost(t)
+	_, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-f", Pool: nettest.CellPool},
+		func(*Cell) error { return errors.New("disk full") })
+	require.ErrorContains(t, err, "disk full")
+	assert.False(t, Exists("cellos-test-netcell-f"))
+
+	// nft fails after the namespace and the veth pair exist: they are removed.
+	bin := t.TempDir()
+	require.NoError(t, os.WriteFile(bin+"/nft", []byte("#!/bin/sh\necho 'nft: refused' >&2\nexit 1\n"), 0o755))
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	_, err = Setup(context.Background(), Spec{Name: "cellos-test-netcell-g", Pool: nettest.CellPool}, func(*Cell) error { return nil })
+	require.ErrorContains(t, err, "nft: refused")
+	assert.False(t, Exists("cellos-test-netcell-g"))
+	h, err := newHostHandle()
+	require.NoError(t, err)
+	defer h.Close()
+	found, err := linkExists(h, HostIfName("cellos-test-netcell-g"))
+	require.NoError(t, err)
+	assert.False(t, found)
+}
+
+// BenchmarkSetupTeardown measures what a cell's network costs: Setup (namespace, veth pair,
+// addresses, route, sysctls, one nft batch) and Teardown (one nft batch, the veth, the
+// namespace). Root only: go test -run '^$' -bench SetupTeardown ./internal/netcell
+func BenchmarkSetupTeardown(b *testing.B) {
+	nettest.Guard(b)
+	var setup, teardown time.Duration
+	for i := 0; b.Loop(); i++ {
+		start := time.Now()
+		c, err := Setup(context.Background(), Spec{Name: "cellos-bench-netcell", Pool: nettest.CellPool,
+			Rules: []Rule{{pfx("198.51.100.2/32"), 8080, "tcp"}, {pfx("198.51.100.6/32"), 53, "udp"}}}, func(*Cell) error { return nil })
+		if err != nil {
+			b.Fatal(err)
+		}
+		mid := time.Now()
+		if err := Teardown(c.Name); err != nil {
+			b.Fatal(err)
+		}
+		setup += mid.Sub(start)
+		teardown += time.Since(mid)
+	}
+	b.ReportMetric(float64(setup.Microseconds())/float64(b.N)/1000, "setup-ms/op")
+	b.ReportMetric(float64(teardown.Microseconds())/float64(b.N)/1000, "teardown-ms/op")
+}

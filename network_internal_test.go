@@ -1,0 +1,96 @@
+package gvisor
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
+)
+
+func egressTestDoc(t testing.TB, rules string) *cellos.ExecutionCellDocument {
+	return parseSpec(t, `{"id": "egress", "run": {"argv": ["/bin/true"]}, "network": {"egress": `+rules+`}}`)
+}
+
+// A cell with egress rules joins its namespace by path; the config stays valid and is written
+// exactly as encoding/json writes it.
+func TestSpecNetworkNamespacePath(t *testing.T) {
+	doc := egressTestDoc(t, `[{"cidr": "198.51.100.0/24", "port": 443, "protocol": "tcp"}]`)
+	path := egressNetNS("/var/lib/cellos", &doc.Spec)
+	assert.Equal(t, "/run/netns/"+RunscID("/var/lib/cellos", "egress"), path)
+	data, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), NetNSPath: path}))
+	require.NoError(t, err)
+	want, err := marshalSpecJSON(BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), NetNSPath: path}))
+	require.NoError(t, err)
+	assert.Equal(t, string(want), string(data))
+	require.NoError(t, validateConfig(configSchema(t), data))
+	spec := decodeSpec(t, data)
+	assert.Contains(t, spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: path})
+
+	// Without rules: a new, empty namespace, as before.
+	plain := parseSpec(t, `{"id": "plain", "run": {"argv": ["/bin/true"]}, "network": {"egress": []}}`)
+	assert.Empty(t, egressNetNS("/var/lib/cellos", &plain.Spec))
+	spec = decodeSpec(t, mustMarshal(t, BuildSpec(plain, SpecInputs{HostSystem: goldenHost()})))
+	assert.Contains(t, spec.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace})
+}
+
+func mustMarshal(t testing.TB, s *specs.Spec) []byte {
+	data, err := MarshalSpec(s)
+	require.NoError(t, err)
+	return data
+}
+
+func TestNetworkFlag(t *testing.T) {
+	r := &runsc{Root: "/state"}
+	for network, want := range map[string]string{"": "--network=none", NetworkSandbox: "--network=sandbox", NetworkHost: "--network=host"} {
+		args := r.runArgs(cellFlags{Log: "/b/runsc.log", IgnoreCgroups: true, Overlay: "none", Network: network}, "/b", "cellos-x")
+		assert.Equal(t, strings.Fields("--root /state --log /b/runsc.log --log-format=json "+want+" --ignore-cgroups --overlay2=none run --bundle /b cellos-x"), args)
+	}
+	// shim.json of a cell without egress rules is what it was.
+	data, err := json.Marshal(cellFlags{Log: "/b/runsc.log"})
+	require.NoError(t, err)
+	assert.NotContains(t, string(data), "Network")
+	var nw *cellNet
+	assert.Empty(t, nw.runscNetwork())
+	assert.Empty(t, nw.nsPath())
+}
+
+func TestEgressRefusals(t *testing.T) {
+	require.NoError(t, egressSupported(&egressTestDoc(t, `[{"cidr": "0.0.0.0/0", "port": 443, "protocol": "tcp"}]`).Spec))
+	err := egressSupported(&egressTestDoc(t, `[{"cidr": "10.0.0.0/8", "port": 1, "protocol": "udp"}, {"cidr": "2001:db8::/32", "port": 443, "protocol": "tcp"}]`).Spec)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "spec.network.egress[1].cidr")
+
+	// Not root: the host cannot (ErrHost), before anything is probed or written.
+	b, err := New()
+	require.NoError(t, err)
+	b.root = false
+	doc := egressTestDoc(t, `[{"cidr": "198.51.100.0/24", "port": 443, "protocol": "tcp"}]`)
+	_, err = b.planNetwork(context.Background(), &doc.Spec, b.locate())
+	require.ErrorIs(t, err, cellos.ErrHost)
+	assert.Contains(t, err.Error(), "need root")
+	// No rules: nothing to plan, nothing done.
+	plain := parseSpec(t, `{"id": "plain", "run": {"argv": ["/bin/true"]}}`)
+	n, err := b.planNetwork(context.Background(), &plain.Spec, b.locate())
+	require.NoError(t, err)
+	assert.Nil(t, n)
+}
+
+func TestNetworkOptions(t *testing.T) {
+	b, err := New(WithCellNetwork("100.96.0.0/20"), WithEgressUplink("eth0"), WithHostStackNetworking(true))
+	require.NoError(t, err)
+	assert.Equal(t, "100.96.0.0/20", b.opts.net.pool.String())
+	assert.Equal(t, "eth0", b.opts.net.uplink)
+	assert.True(t, b.opts.net.hostStack)
+	for _, bad := range []Option{WithCellNetwork("10.77.0.1/16"), WithCellNetwork("10.77.0.0/31"), WithCellNetwork("0.0.0.0/0"),
+		WithCellNetwork("2001:db8::/64"), WithCellNetwork(""), WithEgressUplink(""), WithEgressUplink("a b"), WithEgressUplink("0123456789abcdef")} {
+		_, err := New(bad)
+		assert.Error(t, err)
+	}
+	assert.NoError(t, func() error { _, err := New(WithCellNetwork(DefaultCellNetwork)); return err }())
+}

@@ -1,0 +1,1060 @@
+package gvisor
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/proc"
+)
+
+// Warm start. A cold cell waits for runsc to start a sandbox (78–110 ms here before its first
+// instruction); `runsc exec` into a sandbox that is already running starts a process in 21–39 ms.
+// With WithWarmPool(n) the Backend keeps n idle sandboxes started ahead of time for the documents
+// whose sandbox does not depend on the document — no rootfs, mounts, resources or network, the
+// "default profile" — and runs such a cell's process in one of them with `runsc exec`, as a full
+// OCI process (the document's argv, env, working directory and user; no capabilities, no new
+// privileges). Every other document takes the cold path, unchanged.
+//
+// A pool sandbox serves one cell and is deleted with it; the pool is refilled in the background,
+// one sandbox at a time. A Create that finds no idle sandbox takes the cold path at once: it never
+// waits for the pool.
+//
+// On disk, an idle sandbox is <bundle root>/.pool/<24 hex digits>: a bundle whose process is the
+// idle init (sleep, as WarmPoolIdleUID), run by runsc under the id cellos-pool-<the same digits>.
+// ".pool" is not a cell id, and no runsc id of a cell is a prefix of a pool id or the reverse
+// ("cellos-" + hex digits against "cellos-pool-"). Its shim — the "keeper", pool_keeper.go —
+// started it and waits. To hand it to a cell, the library writes the cell's files into that
+// directory (config.json, shim.json, the user's /etc/passwd and /etc/group), renames it to
+// <bundle root>/<cell id> (exclusively) and tells the keeper, which from then on is the cell's
+// shim: it runs `runsc exec`, captures the output into the bundle's files, enforces the TTL,
+// deletes the sandbox after the workload and writes exit.json. To the supervisor the cell is like
+// any other: same handle, output, exit statuses, TTL, Destroy, crash survival and Recover.
+//
+// What differs inside the cell (README, "Warm pool"): the hostname is WarmPoolHostname, not the
+// cell id (the sandbox exists before the cell has an id); and the workload is not pid 1 of its
+// pid namespace: the idle init is, running as another uid (WarmPoolIdleUID) so that the workload
+// cannot signal it. A document asking for that uid takes the cold path.
+
+const (
+	// WarmPoolIdleUID is the uid and gid of a pool sandbox's idle init. A cell's workload runs as
+	// another user, so that it cannot kill the init (and with it its own sandbox); documents whose
+	// user is this uid take the cold path.
+	WarmPoolIdleUID = 2147483646
+	// WarmPoolHostname is the hostname of cells started from the warm pool: their sandbox is
+	// started before the cell id is known, and the hostname of a running sandbox is fixed.
+	WarmPoolHostname = "cell"
+	// AnnotationWarmPool names a pool sandbox in the config.json it was started with
+	// (sandbox.json in a pooled cell's bundle).
+	AnnotationWarmPool = "cellos.dev/warm-pool"
+	// MaxWarmPool bounds WithWarmPool's size.
+	MaxWarmPool = 256
+)
+
+// Files and directories of the warm pool.
+const (
+	poolDirName       = ".pool"        // <bundle root>/.pool/<name>: the idle sandboxes
+	poolIDPrefix      = "cellos-pool-" // + name: a pool sandbox's runsc id
+	poolNameLen       = 24             // hex digits
+	fileKeeper        = "keeper.json"  // keeperConfig
+	fileKeeperPid     = "keeper.pid"   // the keeper while idle (shim.pid is written once it serves a cell)
+	fileSandboxConfig = "sandbox.json" // a pooled cell's bundle: the config.json its sandbox was started with
+	fileSandboxLog    = "sandbox.log"  // runsc's log of the sandbox itself (runsc.log is the workload's exec)
+	fileProcess       = "process.json" // the workload's OCI process, for runsc exec --process
+	fileWorkloadPid   = "workload.pid" // the workload's pid inside the sandbox (runsc exec --internal-pid-file)
+)
+
+// Bounds of the pool's waits.
+const (
+	poolStartTimeout   = 90 * time.Second // a keeper starting its sandbox, on a loaded host
+	poolClaimTimeout   = 15 * time.Second // a keeper starting runsc exec for its cell
+	keeperStopTimeout  = 20 * time.Second // a keeper deleting its idle sandbox
+	poolMaxBackoff     = 30 * time.Second
+	poolInitialBackoff = 250 * time.Millisecond
+)
+
+// poolIdleArgv is the idle init: it does nothing until the sandbox is deleted.
+var poolIdleArgv = []string{"/bin/sleep", "infinity"}
+
+// WithWarmPool keeps size sandboxes started ahead of time for documents of the default profile
+// (no rootfs, mounts, resources or network), so that such a cell's first instruction runs about
+// as soon as `runsc exec` can start it. 0 (the default) disables the pool. The pool starts
+// filling when New returns, in the background; each sandbox serves one cell and is replaced after
+// it. Close deletes the idle sandboxes. See README, "Warm pool", for what it costs and what
+// differs inside a pooled cell (its hostname, and an idle init as pid 1).
+func WithWarmPool(size int) Option {
+	return func(o *options) error {
+		if size < 0 || size > MaxWarmPool {
+			return fmt.Errorf("WithWarmPool: %d is not a pool size (0 to %d)", size, MaxWarmPool)
+		}
+		o.warmPool = size
+		return nil
+	}
+}
+
+// PoolStats describes the warm pool of a Backend.
+type PoolStats struct {
+	Size     int  // WithWarmPool's size; 0 without a pool
+	Idle     int  // started sandboxes waiting for a cell
+	Starting bool // a sandbox is being started
+	Closed   bool // Close was called
+	// Pooled counts cells created in a pool sandbox; Cold the Creates of the pool's profile that
+	// found no idle sandbox and took the cold path; Failed the pool sandboxes that failed to
+	// start, died idle or could not be handed to a cell.
+	Pooled, Cold, Failed uint64
+}
+
+// PoolStats reports the state of the warm pool (all zero without WithWarmPool).
+func (b *Backend) PoolStats() PoolStats {
+	p := b.pool
+	if p == nil {
+		return PoolStats{}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := p.stats
+	st.Size, st.Idle, st.Starting, st.Closed = p.size, len(p.idle), p.starting, p.closed
+	return st
+}
+
+// warmPool keeps the idle sandboxes of one Backend.
+type warmPool struct {
+	b    *Backend
+	size int
+
+	mu       sync.Mutex
+	idle     []*warmEntry    // oldest first
+	owned    map[string]bool // names of entries this pool made that are not yet a cell's or removed (Recover skips them)
+	dirs     map[string]bool // the pool directories it has used (one per bundle root)
+	starting bool
+	closed   bool
+	stats    PoolStats // the counters
+	closeErr error
+	closing  chan struct{} // closed when Close has finished
+
+	wake   chan struct{} // asks the filler to look again
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the filler has stopped
+}
+
+// warmEntry is one pool sandbox and its keeper.
+type warmEntry struct {
+	name, dir, runscID string
+	key                string // the runsc and bundle root it was made for (warmKey)
+	runsc              runsc
+	flags              cellFlags
+
+	keeper  *exec.Cmd
+	pid     pidRecord
+	replies *os.File // the keeper's fd 3
+	rd      *bufio.Reader
+	claims  *os.File      // the keeper's fd 4
+	exited  chan struct{} // closed once the keeper has exited and been reaped
+}
+
+func newWarmPool(b *Backend, size int) *warmPool {
+	if size <= 0 {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &warmPool{b: b, size: size, owned: map[string]bool{}, dirs: map[string]bool{}, wake: make(chan struct{}, 1),
+		ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	go p.run()
+	return p
+}
+
+// warmKey identifies what a pool sandbox was started with: a cell may use it only when its own
+// Create resolved the same runsc, flags and bundle root.
+func warmKey(root string, r *runsc) string {
+	return strings.Join([]string{root, r.Path, r.Root, r.Platform, strconv.FormatBool(r.Rootless),
+		strconv.FormatBool(r.noOverlay2), strings.Join(r.Extra, "\x01")}, "\x00")
+}
+
+// warmProfile reports whether a document's sandbox is the pool's: nothing of it depends on the
+// document. The workload's user must not be the idle init's.
+func warmProfile(s *cellos.CellSpec) bool {
+	return s.Rootfs == nil && len(s.Mounts) == 0 && !s.WantsCgroups() &&
+		(s.Network == nil || len(s.Network.Egress) == 0) &&
+		s.Run.EffectiveUser().UID != WarmPoolIdleUID
+}
+
+// idleDocument is the document a pool sandbox is started from.
+func idleDocument() *cellos.ExecutionCellDocument {
+	return &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind, Spec: cellos.CellSpec{
+		ID:  WarmPoolHostname,
+		Run: cellos.RunSpec{Argv: slices.Clone(poolIdleArgv), User: &cellos.UserSpec{UID: WarmPoolIdleUID, GID: WarmPoolIdleUID}},
+	}}
+}
+
+func (p *warmPool) poke() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (p *warmPool) wants() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.closed && len(p.idle) < p.size
+}
+
+// run is the filler: it starts one sandbox at a time while the pool is short, so that refilling
+// never takes more than one core's worth of sandbox start from concurrent Creates.
+func (p *warmPool) run() {
+	defer close(p.done)
+	var backoff time.Duration
+	for p.ctx.Err() == nil {
+		if !p.wants() {
+			select {
+			case <-p.ctx.Done():
+			case <-p.wake:
+			}
+			continue
+		}
+		p.setStarting(true)
+		e, err := p.fill(p.ctx)
+		p.setStarting(false)
+		if err != nil {
+			if p.ctx.Err() != nil {
+				return
+			}
+			p.count(&p.stats.Failed)
+			backoff = min(max(2*backoff, poolInitialBackoff), poolMaxBackoff)
+			p.b.log.Warn("warm pool: starting an idle sandbox failed", zap.Error(err), zap.Duration("retryIn", backoff))
+			select {
+			case <-p.ctx.Done():
+			case <-time.After(backoff):
+			}
+			continue
+		}
+		backoff = 0
+		if !p.add(e) {
+			_ = p.discard(e) // closed meanwhile
+		}
+	}
+}
+
+func (p *warmPool) setStarting(v bool) {
+	p.mu.Lock()
+	p.starting = v
+	p.mu.Unlock()
+}
+
+func (p *warmPool) count(n *uint64) {
+	p.mu.Lock()
+	*n++
+	p.mu.Unlock()
+}
+
+func (p *warmPool) add(e *warmEntry) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.idle = append(p.idle, e)
+	return true
+}
+
+// take removes and returns the oldest idle sandbox made for key, or nil.
+func (p *warmPool) take(key string) *warmEntry {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, e := range p.idle {
+		if e.key != key {
+			continue
+		}
+		select {
+		case <-e.exited:
+			continue // dying: keeperExited removes it
+		default:
+		}
+		p.idle = slices.Delete(p.idle, i, i+1)
+		return e
+	}
+	return nil
+}
+
+func (p *warmPool) own(e *warmEntry) {
+	p.mu.Lock()
+	p.owned[e.name] = true
+	p.dirs[filepath.Dir(e.dir)] = true
+	p.mu.Unlock()
+}
+
+func (p *warmPool) disown(name string) {
+	p.mu.Lock()
+	delete(p.owned, name)
+	p.mu.Unlock()
+}
+
+// owns reports whether the entry name is this pool's (nil-safe).
+func (p *warmPool) owns(name string) bool {
+	if p == nil {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.owned[name]
+}
+
+// active reports whether the pool may still make entries (nil-safe).
+func (p *warmPool) active() bool {
+	if p == nil {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.closed
+}
+
+// retire discards the idle sandboxes not made for key: the runsc or the bundle root changed.
+func (p *warmPool) retire(key string) {
+	p.mu.Lock()
+	var stale []*warmEntry
+	p.idle = slices.DeleteFunc(p.idle, func(e *warmEntry) bool {
+		if e.key != key {
+			stale = append(stale, e)
+			return true
+		}
+		return false
+	})
+	p.mu.Unlock()
+	for _, e := range stale {
+		go func() {
+			if err := p.discard(e); err != nil {
+				p.b.log.Warn("warm pool: removing an idle sandbox", zap.String("sandbox", e.runscID), zap.Error(err))
+			}
+		}()
+	}
+}
+
+// keeperExited runs when an entry's keeper has exited. While idle, that means its sandbox died.
+func (p *warmPool) keeperExited(e *warmEntry) {
+	p.mu.Lock()
+	i := slices.Index(p.idle, e)
+	if i >= 0 {
+		p.idle = slices.Delete(p.idle, i, i+1)
+		p.stats.Failed++
+	}
+	p.mu.Unlock()
+	if i < 0 {
+		return
+	}
+	p.b.log.Warn("warm pool: an idle sandbox ended", zap.String("sandbox", e.runscID), zap.String("log", tail(filepath.Join(e.dir, fileShimLog))))
+	if err := p.discard(e); err != nil {
+		p.b.log.Warn("warm pool: removing an idle sandbox", zap.String("sandbox", e.runscID), zap.Error(err))
+	}
+	p.poke()
+}
+
+// fill starts one pool sandbox with the runsc and bundle root a Create would use now.
+func (p *warmPool) fill(ctx context.Context) (*warmEntry, error) {
+	b := p.b
+	loc := b.locate()
+	if loc.runscErr != nil {
+		return nil, loc.runscErr
+	}
+	idle := idleDocument()
+	if err := b.useRuntime(ctx, &idle.Spec, &loc); err != nil {
+		return nil, err
+	}
+	key := warmKey(loc.root, loc.runsc)
+	p.retire(key)
+	var raw [poolNameLen / 2]byte
+	if _, err := rand.Read(raw[:]); err != nil {
+		return nil, err
+	}
+	name := hex.EncodeToString(raw[:])
+	e := &warmEntry{name: name, dir: filepath.Join(loc.root, poolDirName, name), runscID: poolIDPrefix + name,
+		key: key, runsc: *loc.runsc, exited: make(chan struct{})}
+	e.flags = cellFlags{Log: filepath.Join(e.dir, fileSandboxLog), IgnoreCgroups: true, Overlay: "none"}
+	if loc.runsc.noOverlay2 {
+		e.flags.Overlay = ""
+	}
+	p.own(e) // before the directory exists: Recover leaves it alone
+	if err := p.prepare(e, loc, idle); err != nil {
+		return nil, errors.Join(fmt.Errorf("preparing an idle sandbox: %w", err), p.discard(e))
+	}
+	if err := p.startKeeper(ctx, e); err != nil {
+		return nil, errors.Join(err, p.discard(e))
+	}
+	return e, nil
+}
+
+// prepare writes an idle sandbox's bundle: the root (the host's system symlinks and the parts of
+// /etc that do not depend on the cell), config.json, the keeper's config and the empty files the
+// cell will use.
+func (p *warmPool) prepare(e *warmEntry, loc location, idle *cellos.ExecutionCellDocument) error {
+	if err := os.MkdirAll(loc.root, 0o711); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(loc.runsc.Root, 0o700); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(e.dir), 0o700); err != nil {
+		return err
+	}
+	if err := os.Mkdir(e.dir, 0o700); err != nil {
+		return err
+	}
+	rootfs := filepath.Join(e.dir, dirRootfs)
+	if err := os.Mkdir(rootfs, 0o755); err != nil {
+		return err
+	}
+	for _, h := range p.b.host {
+		if h.Symlink == "" {
+			continue
+		}
+		dst := filepath.Join(rootfs, h.Path)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		if err := os.Symlink(h.Symlink, dst); err != nil {
+			return err
+		}
+	}
+	etc := filepath.Join(rootfs, "etc")
+	if err := os.MkdirAll(etc, 0o755); err != nil {
+		return err
+	}
+	for _, dir := range []string{rootfs, etc} {
+		if err := os.Chmod(dir, 0o755); err != nil { // whatever the umask
+			return err
+		}
+	}
+	// passwd and group name the cell's user: they are written when a cell claims the sandbox, as
+	// new files the sandbox has never looked up.
+	files := etcFiles(&idle.Spec)
+	for _, name := range []string{"hosts", "hostname", "resolv.conf"} {
+		if err := writeReadable(filepath.Join(etc, name), files[name]); err != nil {
+			return err
+		}
+	}
+	spec := BuildSpec(idle, SpecInputs{HostSystem: p.b.host})
+	spec.Annotations = map[string]string{AnnotationWarmPool: e.name}
+	data, err := MarshalSpec(spec)
+	if err != nil {
+		return err
+	}
+	if err := writeExclusive(filepath.Join(e.dir, fileConfig), data, 0o644); err != nil {
+		return err
+	}
+	if err := writeJSONAtomic(filepath.Join(e.dir, fileKeeper), keeperConfig{RunscID: e.runscID, Runsc: e.runsc, Flags: e.flags}); err != nil {
+		return err
+	}
+	for _, name := range []string{fileStdout, fileStderr, fileRunscLog, fileShimLog, fileSandboxLog} {
+		if err := writeExclusive(filepath.Join(e.dir, name), nil, 0o640); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeReadable creates a file the cell's user can read, whatever the umask.
+func writeReadable(path, content string) error {
+	if err := writeExclusive(path, []byte(content), 0o644); err != nil {
+		return err
+	}
+	return os.Chmod(path, 0o644)
+}
+
+// startKeeper starts the entry's keeper and waits until its sandbox runs.
+func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
+	repliesR, repliesW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	claimsR, claimsW, err := os.Pipe()
+	if err != nil {
+		_ = repliesR.Close()
+		_ = repliesW.Close()
+		return err
+	}
+	logf, err := os.OpenFile(filepath.Join(e.dir, fileShimLog), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		for _, f := range []*os.File{repliesR, repliesW, claimsR, claimsW} {
+			_ = f.Close()
+		}
+		return err
+	}
+	cmd := &exec.Cmd{
+		Path:        "/proc/self/exe",
+		Args:        []string{keeperArgv0, e.dir},
+		Env:         shimEnviron(),
+		Dir:         e.dir,
+		Stderr:      logf,
+		ExtraFiles:  []*os.File{repliesW, claimsR},
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	err = cmd.Start()
+	_ = repliesW.Close()
+	_ = claimsR.Close()
+	_ = logf.Close()
+	e.replies, e.rd, e.claims = repliesR, bufio.NewReader(repliesR), claimsW
+	if err != nil {
+		close(e.exited)
+		return fmt.Errorf("starting a pool keeper: %w", err)
+	}
+	e.keeper = cmd
+	go func() {
+		_ = cmd.Wait()
+		close(e.exited)
+		p.keeperExited(e)
+	}()
+	line, err := e.reply(ctx, poolStartTimeout)
+	if err != nil {
+		return fmt.Errorf("waiting for an idle sandbox to start: %w; keeper log: %s", err, tail(filepath.Join(e.dir, fileShimLog)))
+	}
+	if line != "ok" {
+		return fmt.Errorf("%s", strings.TrimPrefix(line, "error: "))
+	}
+	if err := readJSON(filepath.Join(e.dir, fileKeeperPid), &e.pid); err != nil {
+		return err
+	}
+	return nil
+}
+
+// reply reads the keeper's next line, within ctx and timeout.
+func (e *warmEntry) reply(ctx context.Context, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := e.replies.SetReadDeadline(time.Time{}); err != nil {
+		return "", err
+	}
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		_ = e.replies.SetReadDeadline(time.Unix(1, 0))
+		close(fired)
+	})
+	line, err := e.rd.ReadString('\n')
+	if !stop() {
+		<-fired
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return "", ctx.Err()
+		}
+		if errors.Is(err, io.EOF) {
+			return "", errors.New("the pool keeper exited without an answer")
+		}
+		return "", err
+	}
+	return strings.TrimSpace(line), nil
+}
+
+// discard removes an entry that is not a cell's: its keeper deletes its sandbox when its claims
+// pipe closes; a keeper that does not is killed and the sandbox force-deleted. Then the directory
+// goes.
+func (p *warmPool) discard(e *warmEntry) error {
+	var errs []error
+	if e.claims != nil {
+		_ = e.claims.Close()
+	}
+	if e.keeper != nil {
+		select {
+		case <-e.exited:
+		case <-time.After(keeperStopTimeout):
+			_ = e.keeper.Process.Kill() // through its pidfd: never another process
+			select {
+			case <-e.exited:
+			case <-time.After(shimExitGrace):
+				errs = append(errs, fmt.Errorf("the pool keeper (pid %d) did not exit", e.keeper.Process.Pid))
+			}
+		}
+	}
+	if e.replies != nil {
+		_ = e.replies.Close()
+	}
+	if err := removeSandbox(&e.runsc, e.runscID); err != nil {
+		errs = append(errs, err)
+	}
+	if fi, err := os.Lstat(e.dir); err == nil {
+		if err := removeBundle(e.dir, fi.IsDir()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	p.disown(e.name) // what is left is Recover's
+	return errors.Join(errs...)
+}
+
+// removeSandbox force-deletes a pool sandbox runsc still holds state of.
+func removeSandbox(r *runsc, id string) error {
+	if len(r.stateFiles(id)) == 0 {
+		return nil
+	}
+	var errs []error
+	if r.Path != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
+		if err := r.Delete(ctx, id); err != nil {
+			errs = append(errs, err)
+		}
+		cancel()
+	}
+	if left := r.removeStaleLocks(id); len(left) > 0 {
+		errs = append(errs, fmt.Errorf("runsc state left: %s", strings.Join(left, ", ")))
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops the warm pool: no sandbox is started any more, and every idle one is deleted with
+// its directory. Cells are not touched — those started from the pool included: they are cells
+// like any other, outlive the Backend by design, and are ended by Destroy (or a later Recover).
+// The Backend remains usable; later Creates take the cold path. ctx bounds the wait for the idle
+// sandboxes to go; what is left then is named in the error (ErrHost), and Recover removes it.
+// Close is idempotent and safe for concurrent use; without a pool it does nothing.
+func (b *Backend) Close(ctx context.Context) error {
+	p := b.pool
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	if p.closed {
+		closing := p.closing
+		p.mu.Unlock()
+		select {
+		case <-closing:
+			return p.closeErr
+		case <-ctx.Done():
+			return cellos.NewError("close", "", cellos.ErrHost, ctx.Err())
+		}
+	}
+	p.closed = true
+	p.closing = make(chan struct{})
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	start := time.Now()
+	p.cancel()
+	errs := make([]error, len(idle))
+	var wg sync.WaitGroup
+	for _, e := range idle {
+		_ = e.claims.Close() // every keeper deletes its sandbox at once
+	}
+	for i, e := range idle {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = p.discard(e)
+		}()
+	}
+	finished := make(chan struct{})
+	go func() {
+		wg.Wait()
+		<-p.done // the filler discards what it was starting
+		close(finished)
+	}()
+	var err error
+	select {
+	case <-finished:
+		err = errors.Join(errs...)
+		for _, e := range idle {
+			b.releaseStateRoot(&e.runsc) // current runsc's pinned null-netns, when no container is left
+		}
+		p.mu.Lock()
+		for dir := range p.dirs {
+			_ = os.Remove(dir) // .pool, unless something else is in it
+		}
+		p.mu.Unlock()
+	case <-ctx.Done():
+		err = fmt.Errorf("%w; idle sandboxes may remain (their removal goes on in the background; Recover removes what is left)", ctx.Err())
+	}
+	if err != nil {
+		err = cellos.NewError("close", "", cellos.ErrHost, err)
+	}
+	p.closeErr = err
+	close(p.closing)
+	b.log.Info("warm pool closed", zap.Int("idleDeleted", len(idle)), zap.Duration("took", time.Since(start)), zap.Error(err))
+	return err
+}
+
+// createFromPool creates c in a pool sandbox when doc fits the pool and one is idle. pooled is
+// false when the cell is to take the cold path (nothing of it exists then).
+func (b *Backend) createFromPool(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, image string) (pooled bool, err error) {
+	p := b.pool
+	s := &doc.Spec
+	if p == nil || image != "" || c.net != nil || !warmProfile(s) {
+		return false, nil
+	}
+	// What the cold path refuses, it reports: no pool sandbox is spent on it.
+	if len(c.runsc.stateFiles(RunscID(c.paths.root, s.ID))) > 0 {
+		return false, nil
+	}
+	if _, err := os.Lstat(c.paths.bundle); err == nil {
+		return false, nil
+	}
+	e := p.take(warmKey(c.paths.root, c.runsc))
+	if e == nil {
+		p.count(&p.stats.Cold)
+		p.poke()
+		return false, nil
+	}
+	defer p.poke()
+	cold, err := b.claim(ctx, c, doc, e)
+	switch {
+	case err == nil:
+		p.count(&p.stats.Pooled)
+		return true, nil
+	case cold && ctx.Err() == nil:
+		p.count(&p.stats.Failed)
+		b.log.Warn("warm pool: a sandbox could not take the cell; cold start instead", zap.String("cell", s.ID), zap.Error(err))
+		return false, nil
+	default:
+		return true, err
+	}
+}
+
+// claim hands the idle sandbox e to the cell c. cold is true when the failure is the pool's and
+// nothing of the cell is left: the cold path may still create it.
+func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, e *warmEntry) (cold bool, err error) {
+	p, s, bundle := b.pool, &doc.Spec, c.paths.bundle
+	fail := func(kind error, format string, args ...any) error {
+		return cellos.Errorf("create", s.ID, kind, format, args...)
+	}
+	if err := b.writePooledCell(c, doc, e); err != nil {
+		go p.discardLogged(e)
+		return true, fail(cellos.ErrHost, "writing the cell into a pool sandbox: %w", err)
+	}
+	if err := unix.Renameat2(unix.AT_FDCWD, e.dir, unix.AT_FDCWD, bundle, unix.RENAME_NOREPLACE); err != nil {
+		go p.discardLogged(e)
+		if errors.Is(err, unix.EEXIST) {
+			return false, fail(cellos.ErrAlreadyExists, "%s exists; Destroy or Recover removes it", bundle)
+		}
+		return true, fail(cellos.ErrHost, "moving a pool sandbox to the bundle: %w", err)
+	}
+	p.disown(e.name) // the directory is the cell's bundle now
+	c.paths.runscID, c.pid = e.runscID, e.pid
+	_, err = io.WriteString(e.claims, "claim "+bundle+"\n")
+	_ = e.claims.Close()
+	line := ""
+	if err == nil {
+		line, err = e.reply(ctx, poolClaimTimeout)
+	}
+	_ = e.replies.Close()
+	if err == nil && line != "ok" {
+		err = errors.New(strings.TrimPrefix(line, "error: "))
+	}
+	if err != nil {
+		err = fail(cellos.ErrHost, "starting the cell in a pool sandbox: %w", err)
+		_ = e.keeper.Process.Kill()
+		select {
+		case <-e.exited:
+		case <-time.After(shimExitGrace):
+		}
+		if uerr := b.undoCreate(c, false); uerr != nil {
+			b.log.Error("cleaning up after a failed create", zap.String("cell", s.ID), zap.Error(uerr))
+			return false, err
+		}
+		c.paths.runscID, c.pid = RunscID(c.paths.root, s.ID), pidRecord{}
+		return true, err
+	}
+	c.handle.CellID = s.ID
+	b.startWatching(c)
+	return false, nil
+}
+
+func (p *warmPool) discardLogged(e *warmEntry) {
+	if err := p.discard(e); err != nil {
+		p.b.log.Warn("warm pool: removing a sandbox", zap.String("sandbox", e.runscID), zap.Error(err))
+	}
+}
+
+// execProcessFile is the workload's process for `runsc exec --process`: every field set,
+// the capability sets explicitly empty.
+type execProcessFile struct {
+	User            specs.User       `json:"user"`
+	Args            []string         `json:"args"`
+	Env             []string         `json:"env"`
+	Cwd             string           `json:"cwd"`
+	Capabilities    execCapabilities `json:"capabilities"`
+	NoNewPrivileges bool             `json:"noNewPrivileges"`
+}
+
+type execCapabilities struct {
+	Bounding    []string `json:"bounding"`
+	Effective   []string `json:"effective"`
+	Inheritable []string `json:"inheritable"`
+	Permitted   []string `json:"permitted"`
+	Ambient     []string `json:"ambient"`
+}
+
+// writePooledCell writes the cell's files into the pool directory, before it becomes the bundle:
+// /etc/passwd and /etc/group naming the cell's user, config.json (the cell's own; the sandbox's
+// is kept as sandbox.json), the workload's process and the shim's config.
+func (b *Backend) writePooledCell(c *cell, doc *cellos.ExecutionCellDocument, e *warmEntry) error {
+	s := &doc.Spec
+	files := etcFiles(s)
+	etc := filepath.Join(e.dir, dirRootfs, "etc")
+	for _, name := range []string{"passwd", "group"} {
+		if err := writeReadable(filepath.Join(etc, name), files[name]); err != nil {
+			return err
+		}
+	}
+	spec := BuildSpec(doc, SpecInputs{HostSystem: b.host})
+	spec.Hostname = WarmPoolHostname
+	data, err := MarshalSpec(spec)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(filepath.Join(e.dir, fileConfig), filepath.Join(e.dir, fileSandboxConfig)); err != nil {
+		return err
+	}
+	if err := writeExclusive(filepath.Join(e.dir, fileConfig), data, 0o644); err != nil {
+		return err
+	}
+	empty := []string{}
+	pr := spec.Process
+	data, err = json.Marshal(execProcessFile{User: pr.User, Args: pr.Args, Env: pr.Env, Cwd: pr.Cwd,
+		Capabilities:    execCapabilities{Bounding: empty, Effective: empty, Inheritable: empty, Permitted: empty, Ambient: empty},
+		NoNewPrivileges: true})
+	if err != nil {
+		return err
+	}
+	if err := writeExclusive(filepath.Join(e.dir, fileProcess), data, 0o644); err != nil {
+		return err
+	}
+	cfg := shimConfig{CellID: s.ID, RunscID: e.runscID, Runsc: e.runsc,
+		Flags:      cellFlags{Log: filepath.Join(c.paths.bundle, fileRunscLog), IgnoreCgroups: true, Overlay: e.flags.Overlay},
+		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, Pool: &poolShim{Keeper: e.dir}}
+	return writeJSONAtomic(filepath.Join(e.dir, fileShim), cfg)
+}
+
+// poolShim is the part of a cell's shim.json for a cell that runs in a pool sandbox.
+type poolShim struct {
+	// Keeper is the pool directory the cell's shim — the sandbox's keeper — was started with:
+	// its command line names it, and with it the shim is recognised.
+	Keeper string `json:"keeper"`
+}
+
+// runDetachedArgs is the argv (without the binary) that starts a pool sandbox and returns once it
+// runs.
+func (r *runsc) runDetachedArgs(c cellFlags, bundle, id string) []string {
+	return append(r.globalArgs(&c), "run", "--detach", "--bundle", bundle, id)
+}
+
+// pooledExecArgs is the argv (without the binary) of a pooled cell's workload: runsc exec of its
+// process into the sandbox, in the foreground.
+func (cfg *shimConfig) pooledExecArgs(bundle string) []string {
+	return cfg.Runsc.execArgs(cfg.Flags, cfg.RunscID, filepath.Join(bundle, fileProcess), filepath.Join(bundle, fileWorkloadPid))
+}
+
+// isPoolRunscID reports whether id is a pool sandbox's runsc id.
+func isPoolRunscID(id string) bool {
+	name, ok := strings.CutPrefix(id, poolIDPrefix)
+	return ok && validPoolName(name)
+}
+
+func validPoolName(name string) bool {
+	if len(name) != poolNameLen {
+		return false
+	}
+	for i := range len(name) {
+		if !strings.ContainsRune("0123456789abcdef", rune(name[i])) {
+			return false
+		}
+	}
+	return true
+}
+
+// pooledRunscID returns the runsc id of the cell whose bundle this is when it runs in a pool
+// sandbox (its shim.json says so).
+func pooledRunscID(bundle string) (string, bool) {
+	var cfg shimConfig
+	if readJSON(filepath.Join(bundle, fileShim), &cfg) != nil || cfg.Pool == nil || !isPoolRunscID(cfg.RunscID) {
+		return "", false
+	}
+	return cfg.RunscID, true
+}
+
+// isKeeperOf reports whether cmdline (of a live process) is that of the keeper serving the
+// pooled cell of bundle.
+func isKeeperOf(cmdline []byte, bundle string) bool {
+	rest, ok := bytes.CutPrefix(cmdline, []byte(keeperArgv0+"\x00"))
+	if !ok {
+		return false
+	}
+	var cfg shimConfig
+	return readJSON(filepath.Join(bundle, fileShim), &cfg) == nil && cfg.Pool != nil &&
+		string(rest) == cfg.Pool.Keeper+"\x00"
+}
+
+// openKeeper returns a handle on the idle keeper recorded in pid for the pool directory dir, or
+// nil when that process is gone.
+func openKeeper(pid pidRecord, dir string) *proc.Handle {
+	if pid.Pid <= 0 {
+		return nil
+	}
+	h, err := proc.Open(pid.Pid)
+	if err != nil {
+		return nil
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid.Pid))
+	if err != nil || !pid.alive() || string(cmdline) != keeperArgv0+"\x00"+dir+"\x00" {
+		_ = h.Close()
+		return nil
+	}
+	return h
+}
+
+// signalCell sends sig to the cell's workload: the container's init for a cold cell, the
+// workload's process for a pooled one (the init of its sandbox is the idle process).
+func (b *Backend) signalCell(ctx context.Context, c *cell, sig syscall.Signal) error {
+	if !isPoolRunscID(c.paths.runscID) {
+		return c.runsc.Kill(ctx, c.paths.runscID, strconv.Itoa(int(sig)))
+	}
+	pidFile := filepath.Join(c.paths.bundle, fileWorkloadPid)
+	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
+		data, err := os.ReadFile(pidFile)
+		if pid, perr := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && perr == nil && pid > 0 {
+			return c.runsc.KillProcess(ctx, c.paths.runscID, pid, strconv.Itoa(int(sig)))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the workload's pid: %w", ctx.Err())
+		case <-c.exited:
+			return errors.New("the workload has exited")
+		case <-time.After(delay):
+		}
+	}
+}
+
+// isPooled reports whether c runs in a pool sandbox.
+func (c *cell) isPooled() bool { return isPoolRunscID(c.paths.runscID) }
+
+// recoverPool removes the pool sandboxes of loc's bundle root that this Backend does not own: the
+// idle ones a dead supervisor left (its keepers delete them themselves once they see it gone;
+// Recover finishes the job) — and those of another live Backend on the same root, which Recover,
+// run once at supervisor start, treats the same. It also removes runsc state of pool sandboxes
+// that have neither a pool directory nor a cell. Pool sandboxes never appear in the report.
+func (b *Backend) recoverPool(ctx context.Context, loc location) error {
+	dir := filepath.Join(loc.root, poolDirName)
+	entries, err := os.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	errs := make([]error, len(entries))
+	var wg sync.WaitGroup
+	for i, en := range entries {
+		if b.pool.owns(en.Name()) {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = b.removePoolEntry(loc, en.Name())
+		}()
+	}
+	wg.Wait()
+	if loc.runscErr == nil {
+		if _, err := os.Stat(loc.runsc.Root); err == nil {
+			if err := b.removeOrphanPoolState(ctx, loc); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if !b.pool.active() {
+		_ = os.Remove(dir) // when empty
+	}
+	return errors.Join(errs...)
+}
+
+// removePoolEntry removes one idle sandbox of another (dead) supervisor: its keeper is asked to
+// delete it (SIGTERM) and killed if it does not; then runsc's state and the directory go.
+func (b *Backend) removePoolEntry(loc location, name string) error {
+	edir := filepath.Join(loc.root, poolDirName, name)
+	fi, err := os.Lstat(edir)
+	if err != nil {
+		return nil
+	}
+	if !fi.IsDir() || !validPoolName(name) {
+		b.log.Warn("removing an entry of the pool directory that is not a pool sandbox", zap.String("path", edir))
+		return removeBundle(edir, fi.IsDir())
+	}
+	var pid pidRecord
+	_ = readJSON(filepath.Join(edir, fileKeeperPid), &pid)
+	if h := openKeeper(pid, edir); h != nil {
+		_ = h.Signal(unix.SIGTERM) // an idle keeper deletes its sandbox and exits
+		if !waitFor(h, keeperStopTimeout) {
+			_ = h.Signal(unix.SIGKILL)
+			waitFor(h, shimExitGrace)
+		}
+		_ = h.Close()
+	}
+	r := *loc.runsc
+	var kc keeperConfig
+	if readJSON(filepath.Join(edir, fileKeeper), &kc) == nil && kc.Runsc.Path != "" && kc.Runsc.Root == r.Root {
+		r = kc.Runsc // the binary it was started with
+	}
+	var errs []error
+	if err := removeSandbox(&r, poolIDPrefix+name); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) == 0 {
+		if err := removeBundle(edir, true); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	b.log.Info("removed an idle pool sandbox", zap.String("sandbox", poolIDPrefix+name), zap.Error(errors.Join(errs...)))
+	if len(errs) > 0 {
+		return fmt.Errorf("pool sandbox %s: %w", edir, errors.Join(errs...))
+	}
+	return nil
+}
+
+// removeOrphanPoolState removes runsc containers with a pool id that no pool directory and no
+// cell's bundle names: a pool sandbox whose directory went while runsc kept it.
+func (b *Backend) removeOrphanPoolState(ctx context.Context, loc location) error {
+	states, err := loc.runsc.List(ctx)
+	if err != nil {
+		return err
+	}
+	inUse := map[string]bool{}
+	if entries, err := os.ReadDir(loc.root); err == nil {
+		for _, en := range entries {
+			if en.IsDir() && cellos.ValidID(en.Name()) {
+				if id, ok := pooledRunscID(filepath.Join(loc.root, en.Name())); ok {
+					inUse[id] = true
+				}
+			}
+		}
+	}
+	var errs []error
+	for _, st := range states {
+		if !isPoolRunscID(st.ID) || inUse[st.ID] {
+			continue
+		}
+		name := strings.TrimPrefix(st.ID, poolIDPrefix)
+		if b.pool.owns(name) {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(loc.root, poolDirName, name)); err == nil {
+			continue // its directory is there: removePoolEntry reported why it stayed
+		}
+		if err := removeSandbox(loc.runsc, st.ID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
