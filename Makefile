@@ -65,11 +65,13 @@ fuzz:
 	$(GO) test . -run '^$$' -fuzz '^FuzzBuildSpec$$' -fuzztime $(FUZZTIME)
 
 # Benchmarks, never part of `make test`: the document path (go test -bench) and the end-to-end
-# comparison with raw runsc (bench/, its own module for the plotting dependencies). The results
-# table and charts land in bench/results/.
-bench: runsc
+# comparison with raw runsc (bench/, its own module for the plotting dependencies), then the warm
+# pool against cold starts on Debian's and the current runsc (pool.md). The results tables and
+# charts land in bench/results/.
+bench: runsc runsc-current
 	$(GO) test -run '^$$' -bench . -benchmem . ./cellos
 	cd bench && $(GO) run . -out results
+	cd bench && $(GO) run . -mode pool -runsc "$$(command -v runsc) $(RUNSC_CURRENT)" -out results
 
 clean:
 	rm -rf .cache

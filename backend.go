@@ -630,6 +630,9 @@ func (b *Backend) teardown(c *cell) error {
 			errs = append(errs, errors.New("the cell's watcher did not finish"))
 		}
 	}
+	if shim == nil && !c.runscFailed && len(c.runsc.stateFiles(p.runscID)) > 0 {
+		b.stopOrphaned(c) // the shim was killed; runsc may live on (orphan.go)
+	}
 	if left := c.runsc.stateFiles(p.runscID); len(left) > 0 {
 		// runsc run was killed before it could clean up, or the first delete raced its exit.
 		if !c.runscFailed {

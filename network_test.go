@@ -682,7 +682,9 @@ func TestHelperNetSupervisor(t *testing.T) {
 		os.Exit(1)
 	}
 	for _, id := range []string{"net-adopted", "net-orphaned"} {
-		if _, err := b.Create(context.Background(), egressDoc(id, tcp("198.51.100.2", 8080))); err != nil {
+		d := egressDoc(id, tcp("198.51.100.2", 8080))
+		d.Spec.Run.Argv = []string{"/bin/sh", "-c", "echo up; sleep 60"}
+		if _, err := b.Create(context.Background(), d); err != nil {
 			fmt.Println("error:", err)
 			os.Exit(1)
 		}
@@ -707,6 +709,15 @@ func TestEgressSupervisorKilledThenRecover(t *testing.T) {
 	require.NoError(t, cmd.Start())
 	line, _ := bufio.NewReader(out).ReadString('\n')
 	require.Equal(t, "ready\n", line, "supervisor stderr: %s", stderr.String())
+	for _, id := range []string{"net-adopted", "net-orphaned"} {
+		t.Cleanup(func() { _, _ = e.b.Destroy(context.Background(), cellos.CellHandle{CellID: id}) }) // should the test fail early
+		// The cells run: a shim killed while runsc is still starting the sandbox is another story
+		// (its runsc goes on starting it after a forced delete).
+		require.Eventually(t, func() bool {
+			data, _ := os.ReadFile(filepath.Join(e.root, id, "stdout.log"))
+			return string(data) == "up\n"
+		}, 60*time.Second, 10*time.Millisecond, "%s never started", id)
+	}
 	require.NoError(t, syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL))
 	_ = cmd.Wait()
 

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -143,9 +144,10 @@ type warmPool struct {
 	size int
 
 	mu       sync.Mutex
-	idle     []*warmEntry    // oldest first
-	owned    map[string]bool // names of entries this pool made that are not yet a cell's or removed (Recover skips them)
-	dirs     map[string]bool // the pool directories it has used (one per bundle root)
+	idle     []*warmEntry     // oldest first
+	owned    map[string]bool  // names of entries this pool made that are not yet a cell's or removed (Recover skips them)
+	dirs     map[string]bool  // the pool directories it has used (one per bundle root)
+	roots    map[string]runsc // the runsc state roots it has used
 	starting bool
 	closed   bool
 	stats    PoolStats // the counters
@@ -178,7 +180,7 @@ func newWarmPool(b *Backend, size int) *warmPool {
 		return nil
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &warmPool{b: b, size: size, owned: map[string]bool{}, dirs: map[string]bool{}, wake: make(chan struct{}, 1),
+	p := &warmPool{b: b, size: size, owned: map[string]bool{}, dirs: map[string]bool{}, roots: map[string]runsc{}, wake: make(chan struct{}, 1),
 		ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	go p.run()
 	return p
@@ -199,11 +201,14 @@ func warmProfile(s *cellos.CellSpec) bool {
 		s.Run.EffectiveUser().UID != WarmPoolIdleUID
 }
 
-// idleDocument is the document a pool sandbox is started from.
+// idleDocument is the document a pool sandbox is started from. HOME is set so that runsc does not
+// look the idle user up in /etc/passwd when the sandbox starts: the file does not exist yet (the
+// cell's is written at claim time), and gVisor would remember that it does not.
 func idleDocument() *cellos.ExecutionCellDocument {
 	return &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind, Spec: cellos.CellSpec{
-		ID:  WarmPoolHostname,
-		Run: cellos.RunSpec{Argv: slices.Clone(poolIdleArgv), User: &cellos.UserSpec{UID: WarmPoolIdleUID, GID: WarmPoolIdleUID}},
+		ID: WarmPoolHostname,
+		Run: cellos.RunSpec{Argv: slices.Clone(poolIdleArgv), Env: map[string]string{"HOME": "/"},
+			User: &cellos.UserSpec{UID: WarmPoolIdleUID, GID: WarmPoolIdleUID}},
 	}}
 }
 
@@ -301,6 +306,7 @@ func (p *warmPool) own(e *warmEntry) {
 	p.mu.Lock()
 	p.owned[e.name] = true
 	p.dirs[filepath.Dir(e.dir)] = true
+	p.roots[e.runsc.Root] = e.runsc
 	p.mu.Unlock()
 }
 
@@ -670,14 +676,15 @@ func (b *Backend) Close(ctx context.Context) error {
 	select {
 	case <-finished:
 		err = errors.Join(errs...)
-		for _, e := range idle {
-			b.releaseStateRoot(&e.runsc) // current runsc's pinned null-netns, when no container is left
-		}
 		p.mu.Lock()
 		for dir := range p.dirs {
 			_ = os.Remove(dir) // .pool, unless something else is in it
 		}
+		roots := slices.Collect(maps.Values(p.roots))
 		p.mu.Unlock()
+		for _, r := range roots {
+			b.releaseStateRoot(&r) // current runsc's pinned null-netns, when no container is left
+		}
 	case <-ctx.Done():
 		err = fmt.Errorf("%w; idle sandboxes may remain (their removal goes on in the background; Recover removes what is left)", ctx.Err())
 	}

@@ -1,9 +1,11 @@
 // Command cellbench measures what the library costs on top of runsc: a trivial cell run through
 // the library and the same bundle run through raw `runsc run` with the same flags, alternately;
 // then 10, 50 and 100 cells at once through both; then host memory per running cell. It prints a
-// Markdown table and writes it, with charts, to the output directory.
+// Markdown table and writes it, with charts, to the output directory. With -mode pool it measures
+// the warm pool against cold starts instead (pool.go).
 //
 //	go run . [-n 20] [-concurrency 10,50,100] [-resident 10] [-out results]
+//	go run . -mode pool [-runsc "BIN BIN..."] [-n 30] [-out results]
 package main
 
 import (
@@ -33,8 +35,19 @@ func main() {
 	conc := flag.String("concurrency", "10,50,100", "cells at once")
 	resident := flag.Int("resident", 10, "running cells for the memory measurement")
 	out := flag.String("out", "results", "directory for results.md and the charts")
+	mode := flag.String("mode", "compare", "compare: library vs raw runsc; pool: warm pool vs cold starts")
+	runscs := flag.String("runsc", "runsc", "pool mode: the runsc binaries to measure, separated by spaces or commas")
 	flag.Parse()
-	if err := run(*n, *conc, *resident, *out); err != nil {
+	var err error
+	switch *mode {
+	case "compare":
+		err = run(*n, *conc, *resident, *out)
+	case "pool":
+		err = runPool(*n, runscList(*runscs), *out)
+	default:
+		err = fmt.Errorf("unknown -mode %q", *mode)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "cellbench:", err)
 		os.Exit(1)
 	}

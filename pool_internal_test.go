@@ -1,0 +1,93 @@
+package gvisor
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
+)
+
+// Pool sandboxes' runsc ids and cells' ids are never prefixes of one another (runsc matches ids
+// by prefix), and a pool directory's name is never a cell id.
+func TestPoolIDsNeverPrefixes(t *testing.T) {
+	pool := poolIDPrefix + strings.Repeat("0", poolNameLen)
+	assert.True(t, isPoolRunscID(pool))
+	for _, id := range []string{"a", "cell", "pool", "0", strings.Repeat("f", 64)} {
+		cell := RunscID("/var/lib/cellos", id)
+		assert.False(t, strings.HasPrefix(pool, cell), id)
+		assert.False(t, strings.HasPrefix(cell, pool), id)
+		assert.False(t, isPoolRunscID(cell), id)
+	}
+	assert.False(t, cellos.ValidID(poolDirName))
+	assert.False(t, isPoolRunscID(poolIDPrefix+"0123"), "short")
+	assert.False(t, isPoolRunscID(poolIDPrefix+strings.Repeat("G", poolNameLen)), "not hex")
+}
+
+func TestWarmProfile(t *testing.T) {
+	base := func() *cellos.CellSpec {
+		return &cellos.CellSpec{ID: "x", Run: cellos.RunSpec{Argv: []string{"/bin/true"}}}
+	}
+	no := false
+	cases := map[string]struct {
+		change func(s *cellos.CellSpec)
+		warm   bool
+	}{
+		"default": {func(*cellos.CellSpec) {}, true},
+		"ttl and labels": {func(s *cellos.CellSpec) {
+			s.Lifetime = &cellos.LifetimeSpec{TTLSeconds: 5}
+			s.Labels = map[string]string{"a": "b"}
+		}, true},
+		"user, env, cwd":  {func(s *cellos.CellSpec) { s.Run.User = &cellos.UserSpec{UID: 0, GID: 0}; s.Run.WorkingDir = "/tmp" }, true},
+		"empty resources": {func(s *cellos.CellSpec) { s.Resources = &cellos.ResourceSpec{} }, true},
+		"no egress":       {func(s *cellos.CellSpec) { s.Network = &cellos.NetworkSpec{} }, true},
+		"memory":          {func(s *cellos.CellSpec) { s.Resources = &cellos.ResourceSpec{MemoryBytes: 64 << 20} }, false},
+		"cpu":             {func(s *cellos.CellSpec) { s.Resources = &cellos.ResourceSpec{CPUMillis: 100} }, false},
+		"rootfs":          {func(s *cellos.CellSpec) { s.Rootfs = &cellos.RootfsSpec{Path: "/srv/img"} }, false},
+		"mount": {func(s *cellos.CellSpec) {
+			s.Mounts = []cellos.MountSpec{{Type: cellos.MountTmpfs, Destination: "/s", ReadOnly: &no}}
+		}, false},
+		"egress": {func(s *cellos.CellSpec) {
+			s.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{{CIDR: "10.0.0.0/8", Port: 1, Protocol: "tcp"}}}
+		}, false},
+		"the idle init uid": {func(s *cellos.CellSpec) { s.Run.User = &cellos.UserSpec{UID: WarmPoolIdleUID, GID: 1} }, false},
+	}
+	for name, c := range cases {
+		s := base()
+		c.change(s)
+		assert.Equal(t, c.warm, warmProfile(s), name)
+	}
+}
+
+// The workload's process file names every capability set, empty, and no new privileges.
+func TestPooledProcessFile(t *testing.T) {
+	doc := &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind,
+		Spec: cellos.CellSpec{ID: "x", Run: cellos.RunSpec{Argv: []string{"/bin/true"}}}}
+	dir := t.TempDir()
+	b, err := New(WithBundleRoot(dir))
+	assert.NoError(t, err)
+	e := &warmEntry{dir: dir, runscID: poolIDPrefix + strings.Repeat("a", poolNameLen)}
+	for _, d := range []string{"rootfs", "rootfs/etc"} {
+		assert.NoError(t, mkdir(dir+"/"+d))
+	}
+	assert.NoError(t, writeExclusive(dir+"/"+fileConfig, []byte("{}"), 0o644))
+	c := b.newCell("x", b.locate())
+	e.runsc = *c.runsc
+	e.runsc.Rootless = false
+	assert.NoError(t, b.writePooledCell(c, doc, e))
+	var p map[string]any
+	assert.NoError(t, readJSON(dir+"/"+fileProcess, &p))
+	assert.Equal(t, map[string]any{"bounding": []any{}, "effective": []any{}, "inheritable": []any{}, "permitted": []any{}, "ambient": []any{}}, p["capabilities"])
+	assert.Equal(t, true, p["noNewPrivileges"])
+	assert.Equal(t, map[string]any{"uid": float64(65534), "gid": float64(65534)}, p["user"])
+	var cfg shimConfig
+	assert.NoError(t, readJSON(dir+"/"+fileShim, &cfg))
+	assert.Equal(t, e.runscID, cfg.RunscID)
+	assert.Equal(t, &poolShim{Keeper: dir}, cfg.Pool)
+	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--ignore-cgroups",
+		"exec", "--process", "/b/process.json", "--internal-pid-file", "/b/workload.pid", e.runscID}, cfg.runscArgs("/b"))
+}
+
+func mkdir(p string) error { return os.Mkdir(p, 0o755) }
