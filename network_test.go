@@ -71,7 +71,7 @@ func newEgressEnv(t *testing.T, extra ...gvisor.Option) (*realEnv, string) {
 }
 
 func egressDoc(id string, rules ...cellos.EgressRule) *cellos.ExecutionCellDocument {
-	d := doc(id, "/bin/sh", "-c", "sleep 60")
+	d := doc(id, "/bin/sh", "-c", "echo up; sleep 60")
 	d.Spec.Network = &cellos.NetworkSpec{Egress: rules}
 	d.Spec.Lifetime = &cellos.LifetimeSpec{TTLSeconds: 120}
 	return d
@@ -513,6 +513,9 @@ func TestEgressForgedSourceGainsNothing(t *testing.T) {
 	require.NoError(t, err)
 	nb, err := e.b.NetworkOf(b.CellID)
 	require.NoError(t, err)
+	for _, id := range []string{a.CellID, b.CellID} { // the sandboxes have set up their network
+		require.Eventually(t, func() bool { return e.out(id).stdout.String() == "up\n" }, 60*time.Second, 10*time.Millisecond)
+	}
 	ns := filepath.Base(na.Namespace)
 	own, forged := na.CellAddress.Addr(), nb.CellAddress.Addr()
 	if mode == gvisor.NetworkSandbox { // gVisor took the address off the kernel's interface
@@ -682,9 +685,7 @@ func TestHelperNetSupervisor(t *testing.T) {
 		os.Exit(1)
 	}
 	for _, id := range []string{"net-adopted", "net-orphaned"} {
-		d := egressDoc(id, tcp("198.51.100.2", 8080))
-		d.Spec.Run.Argv = []string{"/bin/sh", "-c", "echo up; sleep 60"}
-		if _, err := b.Create(context.Background(), d); err != nil {
+		if _, err := b.Create(context.Background(), egressDoc(id, tcp("198.51.100.2", 8080))); err != nil {
 			fmt.Println("error:", err)
 			os.Exit(1)
 		}

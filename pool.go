@@ -283,12 +283,15 @@ func (p *warmPool) add(e *warmEntry) bool {
 	return true
 }
 
-// take removes and returns the oldest idle sandbox made for key, or nil.
+// take removes and returns the oldest idle sandbox made for key, or nil. Without one, idle
+// sandboxes made for another key (the runsc or the bundle root changed) are retired, so that the
+// filler makes ones that fit.
 func (p *warmPool) take(key string) *warmEntry {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	stale := false
 	for i, e := range p.idle {
 		if e.key != key {
+			stale = true
 			continue
 		}
 		select {
@@ -297,7 +300,12 @@ func (p *warmPool) take(key string) *warmEntry {
 		default:
 		}
 		p.idle = slices.Delete(p.idle, i, i+1)
+		p.mu.Unlock()
 		return e
+	}
+	p.mu.Unlock()
+	if stale {
+		p.retire(key)
 	}
 	return nil
 }

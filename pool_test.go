@@ -659,3 +659,31 @@ func TestWithWarmPoolSize(t *testing.T) {
 	assert.Equal(t, gvisor.PoolStats{}, b.PoolStats())
 	assert.NoError(t, b.Close(context.Background()), "Close without a pool")
 }
+
+// TestPoolFollowsRunscChange: idle sandboxes of another runsc are not used; they are replaced by
+// ones of the runsc Create now uses. Not parallel: it changes the environment.
+func TestPoolFollowsRunscChange(t *testing.T) {
+	debian, err := exec.LookPath("runsc")
+	if err != nil {
+		t.Skip("needs Debian's runsc and the current one")
+	}
+	current, _ := filepath.Abs(".cache/runsc-current/runsc")
+	if _, err := os.Stat(current); err != nil {
+		t.Skip("needs the current runsc (make runsc-current)")
+	}
+	from, to := debian, current
+	if os.Getenv(gvisor.EnvRunscBin) == current {
+		from, to = current, debian
+	}
+	t.Setenv(gvisor.EnvRunscBin, from)
+	e := newPoolEnv(t, 1)
+	e.awaitIdle(1)
+	t.Setenv(gvisor.EnvRunscBin, to)
+	e.probe(sh("pool-switch-cold", "true"))
+	assert.False(t, e.pooled("pool-switch-cold"), "a sandbox of the other runsc was used")
+	out := e.probePooled(sh("pool-switch-warm", "true"))
+	assert.Empty(t, out)
+	data, err := os.ReadFile(filepath.Join(e.root, "pool-switch-warm", "shim.json"))
+	require.NoError(t, err)
+	assert.Contains(t, string(data), `"Path": "`+to+`"`)
+}
