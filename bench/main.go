@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	gvisor "github.com/cellos/cellos-host-gvisor"
@@ -73,7 +74,7 @@ func run(n int, concList string, resident int, outDir string) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
+	defer removeWork(work)
 	bn := &bench{root: filepath.Join(work, "lib"), rawRoot: filepath.Join(work, "raw")}
 	if bn.b, err = gvisor.New(gvisor.WithBundleRoot(bn.root)); err != nil {
 		return err
@@ -401,4 +402,20 @@ func pssOf(procDir string) int64 {
 func kernel() string {
 	data, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	return "Linux " + strings.TrimSpace(string(data))
+}
+
+// removeWork removes the benchmark's work directory, unmounting first what runsc left mounted
+// in the raw runs' state roots (a current runsc's null-netns).
+func removeWork(dir string) {
+	data, _ := os.ReadFile("/proc/self/mounts")
+	var under []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
+			under = append(under, f[1])
+		}
+	}
+	for i := len(under) - 1; i >= 0; i-- {
+		_ = syscall.Unmount(under[i], syscall.MNT_DETACH)
+	}
+	_ = os.RemoveAll(dir)
 }

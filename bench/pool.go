@@ -303,7 +303,7 @@ func runPool(n int, runscs []string, outDir string) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
+	defer removeWork(work)
 	host, _ := os.Hostname()
 	r := poolReport{Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"),
 		Machine: fmt.Sprintf("%s, %d CPUs, %s", host, runtime.NumCPU(), kernel()), N: n}
