@@ -32,6 +32,7 @@ type Backend struct {
 
 	probed probeLog  // the runsc binaries whose probe this Backend has logged (probe.go)
 	pool   *warmPool // WithWarmPool's idle sandboxes (pool.go); nil without
+	spares spares    // the shim started ahead of the next Create (spare.go)
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -60,6 +61,7 @@ func New(opts ...Option) (*Backend, error) {
 	if cg, err := cgroups.Detect(); err == nil && cg.Available() {
 		b.cg = cg
 	}
+	b.spares.disabled = o.noSpare
 	b.pool = newWarmPool(b, o.warmPool) // starts filling in the background
 	return b, nil
 }
@@ -347,17 +349,74 @@ func writeExclusive(path string, data []byte, perm os.FileMode) error {
 // startShim starts the shim and waits until it has started runsc (or failed to).
 func (b *Backend) startShim(ctx context.Context, c *cell) error {
 	id, bundle := c.id, c.paths.bundle
+	for {
+		cmd, readyR, spare, err := b.shimProcess(bundle)
+		if err != nil {
+			return cellos.Errorf("create", id, cellos.ErrHost, "starting the shim: %w", err)
+		}
+		c.shim = cmd
+		msg, err := awaitReady(ctx, readyR)
+		_ = readyR.Close()
+		if err != nil {
+			return cellos.NewError("create", id, cellos.ErrHost, fmt.Errorf("waiting for runsc to start: %w", err))
+		}
+		switch {
+		case msg == "ok":
+		case strings.HasPrefix(msg, "error: "):
+			return cellos.Errorf("create", id, cellos.ErrHost, "%s", strings.TrimPrefix(msg, "error: "))
+		case spare && !exists(filepath.Join(bundle, fileShimPid)):
+			// The spare died (killed from outside) before it did anything for the cell.
+			_ = cmd.Wait()
+			c.shim = nil
+			continue
+		default:
+			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(filepath.Join(bundle, fileShimLog)))
+		}
+		if err := readJSON(filepath.Join(bundle, fileShimPid), &c.pid); err != nil {
+			return cellos.NewError("create", id, cellos.ErrHost, err)
+		}
+		time.AfterFunc(spareDelay, b.refillSpare) // unless the cell exits sooner (watch)
+		return nil
+	}
+}
+
+// awaitReady reads the shim's one-line answer: "ok" once runsc runs, "error: ..." or nothing
+// (it exited).
+func awaitReady(ctx context.Context, r *os.File) (string, error) {
+	line := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(io.LimitReader(r, 64<<10)).ReadString('\n')
+		line <- strings.TrimSpace(s)
+	}()
+	select {
+	case msg := <-line:
+		return msg, nil
+	case <-ctx.Done():
+		_ = r.Close()
+		return "", ctx.Err()
+	}
+}
+
+// shimProcess starts the shim of bundle — or hands bundle to the spare shim (spare.go) — and
+// returns it with the read end of its readiness pipe; spare tells which.
+func (b *Backend) shimProcess(bundle string) (cmd *exec.Cmd, ready *os.File, spare bool, err error) {
+	if s := b.spares.take(); s != nil {
+		if err := s.claim(bundle); err == nil {
+			return s.cmd, s.ready, true, nil
+		}
+		// It is gone (killed from outside): start one.
+	}
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
-		return cellos.NewError("create", id, cellos.ErrHost, err)
+		return nil, nil, false, err
 	}
-	defer readyR.Close()
 	logf, err := os.OpenFile(filepath.Join(bundle, fileShimLog), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
 	if err != nil {
+		_ = readyR.Close()
 		_ = readyW.Close()
-		return cellos.NewError("create", id, cellos.ErrHost, err)
+		return nil, nil, false, err
 	}
-	cmd := &exec.Cmd{
+	cmd = &exec.Cmd{
 		Path:        "/proc/self/exe",
 		Args:        []string{shimArgv0, bundle},
 		Env:         shimEnviron(),
@@ -370,33 +429,10 @@ func (b *Backend) startShim(ctx context.Context, c *cell) error {
 	_ = readyW.Close()
 	_ = logf.Close()
 	if err != nil {
-		return cellos.Errorf("create", id, cellos.ErrHost, "starting the shim: %w", err)
-	}
-	c.shim = cmd
-
-	line := make(chan string, 1)
-	go func() {
-		s, _ := bufio.NewReader(io.LimitReader(readyR, 64<<10)).ReadString('\n')
-		line <- strings.TrimSpace(s)
-	}()
-	var msg string
-	select {
-	case msg = <-line:
-	case <-ctx.Done():
 		_ = readyR.Close()
-		return cellos.NewError("create", id, cellos.ErrHost, fmt.Errorf("waiting for runsc to start: %w", ctx.Err()))
+		return nil, nil, false, err
 	}
-	switch {
-	case msg == "ok":
-	case strings.HasPrefix(msg, "error: "):
-		return cellos.Errorf("create", id, cellos.ErrHost, "%s", strings.TrimPrefix(msg, "error: "))
-	default:
-		return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(filepath.Join(bundle, fileShimLog)))
-	}
-	if err := readJSON(filepath.Join(bundle, fileShimPid), &c.pid); err != nil {
-		return cellos.NewError("create", id, cellos.ErrHost, err)
-	}
-	return nil
+	return cmd, readyR, false, nil
 }
 
 // shimEnviron is the shim's environment: the program's, with the shim marker. A binary built with
@@ -437,6 +473,7 @@ func (b *Backend) watch(c *cell) {
 		status, err = destroyedStatus, nil
 	}
 	c.status, c.waitErr = status, err
+	go b.refillSpare() // the CPU its start-up takes is not the start of a cell now (spare.go)
 	b.log.Info("cell exited", zap.String("cell", c.id), zap.Int("code", status.Code),
 		zap.String("reason", string(status.Reason)), zap.Error(err))
 	close(c.exited)
@@ -479,7 +516,7 @@ func openShim(pid pidRecord, bundle string) (*proc.Handle, error) {
 
 func isShimOf(pid int, bundle string) bool {
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && (string(cmdline) == shimArgv0+"\x00"+bundle+"\x00" || isKeeperOf(cmdline, bundle))
+	return err == nil && (string(cmdline) == shimArgv0+"\x00"+bundle+"\x00" || isSpareShimOf(pid, cmdline, bundle) || isKeeperOf(cmdline, bundle))
 }
 
 // readExit reads the exit record the shim left.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -46,13 +47,16 @@ func TestHelperSupervisor(t *testing.T) {
 	}
 	switch scenario {
 	case "crash":
+		// The first cell starts its shim; the others are handed to spare shims.
 		create("quick", "echo quick; exit 5")
-		create("later", "echo before; sleep 3; echo after; exit 3")
-		create("long", "echo long; sleep 120")
 		if _, err := b.WaitForExit(ctx, "quick"); err != nil {
 			fmt.Println("error:", err)
 			os.Exit(1)
 		}
+		awaitSpare()
+		create("later", "echo before; sleep 3; echo after; exit 3")
+		awaitSpare()
+		create("long", "echo long; sleep 120")
 	}
 	fmt.Println("ready")
 	select {} // until killed
@@ -75,16 +79,66 @@ func startSupervisor(t *testing.T, scenario, root string) *exec.Cmd {
 	return cmd
 }
 
-// shimPid finds the pid of a cell's shim.
+// spareShims lists this process's unclaimed spare shims.
+func spareShims() []int {
+	var out []int
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, st := range stats {
+		data, err := os.ReadFile(st)
+		if err != nil {
+			continue
+		}
+		fields := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+		if len(fields) < 2 || fields[0] == "Z" || fields[1] != strconv.Itoa(os.Getpid()) {
+			continue
+		}
+		dir := filepath.Dir(st)
+		cmdline, _ := os.ReadFile(dir + "/cmdline")
+		cwd, _ := os.Readlink(dir + "/cwd")
+		if string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" && cwd == "/" {
+			pid, _ := strconv.Atoi(filepath.Base(dir))
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// awaitSpare waits until this process has a spare shim.
+func awaitSpare() {
+	for deadline := time.Now().Add(30 * time.Second); len(spareShims()) == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			fmt.Println("error: no spare shim")
+			os.Exit(1)
+		}
+	}
+}
+
+// spareServes reports whether the shim recorded in bundle is a spare shim that serves it.
+func spareServes(bundle string) bool {
+	var rec pidRecordT
+	data, err := os.ReadFile(filepath.Join(bundle, "shim.pid"))
+	if err != nil || json.Unmarshal(data, &rec) != nil {
+		return false
+	}
+	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", rec.Pid))
+	cwd, _ := os.Readlink(fmt.Sprintf("/proc/%d/cwd", rec.Pid))
+	return string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" && cwd == bundle
+}
+
+// shimPid finds the pid of a cell's shim: the one its bundle records, when that process is a
+// shim (started for the bundle, or a spare shim whose working directory is the bundle).
 func shimPid(t *testing.T, bundle string) int {
 	t.Helper()
-	want := []byte("cellos-gvisor-shim\x00" + bundle + "\x00")
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		if data, err := os.ReadFile(p); err == nil && bytes.Equal(data, want) {
-			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-			return pid
-		}
+	var rec pidRecordT
+	data, err := os.ReadFile(filepath.Join(bundle, "shim.pid"))
+	if err != nil || json.Unmarshal(data, &rec) != nil {
+		return 0
+	}
+	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", rec.Pid))
+	cwd, _ := os.Readlink(fmt.Sprintf("/proc/%d/cwd", rec.Pid))
+	if bytes.Equal(cmdline, []byte("cellos-gvisor-shim\x00"+bundle+"\x00")) ||
+		bytes.Equal(cmdline, []byte("cellos-gvisor-shim\x00--spare\x00")) && cwd == bundle {
+		return rec.Pid
 	}
 	return 0
 }
@@ -115,6 +169,8 @@ func TestCrashSupervisorKilledThenRecover(t *testing.T) {
 	victim := t.TempDir()
 	require.NoError(t, os.WriteFile(filepath.Join(victim, "precious"), []byte("keep me"), 0o644))
 	require.NoError(t, os.Symlink(victim, filepath.Join(e.root, "planted")))
+
+	assert.True(t, spareServes(filepath.Join(e.root, "long")), "the long cell runs under a spare shim")
 
 	// The cells went on without their supervisor.
 	require.Eventually(t, func() bool {
@@ -178,6 +234,7 @@ func TestCrashRecoverCellThatExitedUnsupervised(t *testing.T) {
 	e := newRealEnv(t)
 	other, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithLogger(zaptest.NewLogger(t)))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = other.Close(context.Background()) })
 	// Another backend (a supervisor that then went away without destroying) starts a cell that
 	// exits on its own.
 	_, err = other.Create(context.Background(), sh("orphan", "echo bye; exit 9"))
@@ -194,4 +251,46 @@ func TestCrashRecoverCellThatExitedUnsupervised(t *testing.T) {
 	assert.Equal(t, cellos.ExitStatus{Code: 9, Reason: cellos.ExitExited}, st)
 	assert.Equal(t, "bye\n", e.out("orphan").stdout.String())
 	e.destroy(cellos.CellHandle{CellID: "orphan"})
+}
+
+// A spare shim serves the next Create like a shim started for it; without one (killed, or after
+// Close) Create starts the shim itself.
+func TestSpareShim(t *testing.T) {
+	e := newRealEnv(t)
+	st, err := e.run(sh("first", "echo first"))
+	require.NoError(t, err)
+	require.Equal(t, cellos.ExitStatus{Reason: cellos.ExitExited}, st)
+	require.Eventually(t, func() bool { return len(spareShims()) == 1 }, 30*time.Second, 5*time.Millisecond,
+		"a spare shim after a cell exited")
+
+	h := e.create(sh("spared", "echo from the spare; echo err >&2; exit 7"))
+	bundle := filepath.Join(e.root, "spared")
+	assert.True(t, spareServes(bundle), "the cell was handed to the spare shim")
+	st, err = e.b.WaitForExit(context.Background(), h.CellID)
+	require.NoError(t, err)
+	assert.Equal(t, cellos.ExitStatus{Code: 7, Reason: cellos.ExitExited}, st)
+	assert.Equal(t, "from the spare\n", e.out("spared").stdout.String())
+	assert.Equal(t, "err\n", e.out("spared").stderr.String())
+	data, err := os.ReadFile(filepath.Join(bundle, "stdout.log"))
+	require.NoError(t, err)
+	assert.Equal(t, "from the spare\n", string(data))
+
+	// A spare killed from outside: the next Create starts its own shim.
+	require.Eventually(t, func() bool { return len(spareShims()) == 1 }, 30*time.Second, 5*time.Millisecond)
+	require.NoError(t, syscall.Kill(spareShims()[0], syscall.SIGKILL))
+	st, err = e.run(sh("afterkill", "exit 3"))
+	require.NoError(t, err)
+	assert.Equal(t, cellos.ExitStatus{Code: 3, Reason: cellos.ExitExited}, st)
+
+	// Close ends the spare; later cells start their shims themselves, and no spare comes back.
+	require.Eventually(t, func() bool { return len(spareShims()) == 1 }, 30*time.Second, 5*time.Millisecond)
+	require.NoError(t, e.b.Close(context.Background()))
+	assert.Empty(t, spareShims(), "Close ends the spare shim")
+	h = e.create(sh("closed", "sleep 0.2"))
+	assert.NotZero(t, shimPid(t, filepath.Join(e.root, "closed")))
+	assert.False(t, spareServes(filepath.Join(e.root, "closed")))
+	_, err = e.b.WaitForExit(context.Background(), h.CellID)
+	require.NoError(t, err)
+	time.Sleep(100 * time.Millisecond)
+	assert.Empty(t, spareShims(), "no spare after Close")
 }

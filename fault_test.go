@@ -39,6 +39,7 @@ func TestFaultBundleRootReadOnly(t *testing.T) {
 	root := mountTmpfs(t, "1m", unix.MS_RDONLY)
 	b, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	_, err = b.Create(context.Background(), sh("rofs", "true"))
 	require.ErrorIs(t, err, cellos.ErrHost)
 	assert.Contains(t, err.Error(), "read-only file system")
@@ -56,6 +57,7 @@ func TestFaultBundleRootFull(t *testing.T) {
 	filler.Close()
 	b, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	_, err = b.Create(context.Background(), sh("full", "true"))
 	require.ErrorIs(t, err, cellos.ErrHost)
 	assert.Contains(t, err.Error(), "no space left on device")
@@ -291,6 +293,7 @@ func TestFaultTwoHundredCells(t *testing.T) {
 	for err := range errs {
 		assert.NoError(t, err)
 	}
+	require.NoError(t, b.Close(context.Background())) // the spare shim goes
 	procsAfter, fdsAfter := descendants(os.Getpid()), openFDs(t)
 	entries, _ := os.ReadDir(root)
 	var left []string

@@ -101,6 +101,7 @@ func newRealEnv(t testing.TB, opts ...gvisor.Option) *realEnv {
 	require.NoError(t, err)
 	e.b = b
 	t.Cleanup(func() { e.assertNothingLeft() })
+	t.Cleanup(func() { _ = b.Close(context.Background()) }) // runs first: the spare shim goes
 	return e
 }
 
@@ -357,6 +358,7 @@ func TestRealRunscMissing(t *testing.T) {
 	t.Setenv(gvisor.EnvRunscBin, "/nonexistent/runsc")
 	b, err := gvisor.New(gvisor.WithBundleRoot(root))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	_, err = b.Create(context.Background(), sh("norunsc", "true"))
 	require.ErrorIs(t, err, cellos.ErrHost)
 	assert.Contains(t, err.Error(), "/nonexistent/runsc")

@@ -47,12 +47,14 @@ func egressOptions(t *testing.T, extra ...gvisor.Option) ([]gvisor.Option, strin
 	opts := append([]gvisor.Option{gvisor.WithCellNetwork(nettest.CellPool.String())}, extra...)
 	b, err := gvisor.New(opts...)
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	mode, err := b.EgressMode(context.Background())
 	if err != nil {
 		require.ErrorIs(t, err, cellos.ErrUnsupported)
 		opts = append(opts, gvisor.WithHostStackNetworking(true))
 		b, err = gvisor.New(opts...)
 		require.NoError(t, err)
+		t.Cleanup(func() { _ = b.Close(context.Background()) })
 		mode, err = b.EgressMode(context.Background())
 		require.NoError(t, err)
 		require.Equal(t, gvisor.NetworkHost, mode)
@@ -269,6 +271,7 @@ func TestEgressRuntimeSupport(t *testing.T) {
 
 		host, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithHostStackNetworking(true), gvisor.WithLogger(zaptest.NewLogger(t)))
 		require.NoError(t, err)
+		t.Cleanup(func() { _ = host.Close(context.Background()) })
 		mode, err = host.EgressMode(ctx)
 		require.NoError(t, err)
 		assert.Equal(t, gvisor.NetworkHost, mode, "the host-stack mode, when allowed")
@@ -277,6 +280,7 @@ func TestEgressRuntimeSupport(t *testing.T) {
 		// Even when the host-stack mode is allowed, a runsc that can do sandbox networking gets it.
 		host, err := gvisor.New(gvisor.WithHostStackNetworking(true))
 		require.NoError(t, err)
+		t.Cleanup(func() { _ = host.Close(context.Background()) })
 		mode, err = host.EgressMode(ctx)
 		require.NoError(t, err)
 		assert.Equal(t, gvisor.NetworkSandbox, mode)
@@ -291,6 +295,7 @@ func TestEgressRuntimeSupport(t *testing.T) {
 	// A missing uplink is the host's fault.
 	up, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithEgressUplink("nosuchif0"), gvisor.WithHostStackNetworking(true))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = up.Close(context.Background()) })
 	_, err = up.Create(ctx, egressDoc("egress-uplink", tcp("198.51.100.2", 8080)))
 	require.ErrorIs(t, err, cellos.ErrHost)
 	assert.Contains(t, err.Error(), "nosuchif0")
@@ -656,6 +661,7 @@ func TestEgressTeardownFromAnotherBackend(t *testing.T) {
 	opts, _ := egressOptions(t)
 	other, err := gvisor.New(append(opts, gvisor.WithBundleRoot(e.root), gvisor.WithLogger(zaptest.NewLogger(t)))...)
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = other.Close(context.Background()) })
 	h, err := other.Create(context.Background(), egressDoc("elsewhere", tcp("198.51.100.2", 8080)))
 	require.NoError(t, err)
 	n, err := other.NetworkOf(h.CellID)

@@ -470,6 +470,7 @@ func TestOperateUnknownIDs(t *testing.T) {
 	t.Parallel()
 	b, err := gvisor.New(gvisor.WithBundleRoot(t.TempDir()), gvisor.WithLogger(zaptest.NewLogger(t)))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	ctx := context.Background()
 	for _, id := range []string{"nosuch", "../x"} {
 		kind := cellos.ErrNotTracked
@@ -508,6 +509,7 @@ func TestOperateAttach(t *testing.T) {
 	e.waitOutput(h.CellID, hasLine("up"))
 	op, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithLogger(zaptest.NewLogger(t)))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = op.Close(context.Background()) })
 	ctx := context.Background()
 
 	_, err = op.Stats(ctx, h.CellID)

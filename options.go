@@ -33,6 +33,7 @@ type options struct {
 	outputCap  int64
 	net        netOptions // WithCellNetwork, WithEgressUplink, WithHostStackNetworking (network.go)
 	warmPool   int        // WithWarmPool (pool.go)
+	noSpare    bool       // WithSpareShim(false) (spare.go)
 }
 
 // WithRunscPath sets the runsc binary (default: "runsc" on $PATH). CELLOS_GVISOR_RUNSC_BIN
@@ -149,6 +150,17 @@ func WithRunscFlags(flags ...string) Option {
 			}
 		}
 		o.runscFlags = append(o.runscFlags, flags...)
+		return nil
+	}
+}
+
+// WithSpareShim keeps one cell shim started ahead of the next Create (default true), which takes
+// the start-up of the program's own binary off a cell's start: the shim is this binary,
+// re-executed. The spare is a process of about 3 MiB that exits with the program or at Close.
+// A program that creates one cell and exits (a CLI) turns it off.
+func WithSpareShim(enabled bool) Option {
+	return func(o *options) error {
+		o.noSpare = !enabled
 		return nil
 	}
 }

@@ -665,13 +665,15 @@ func removeSandbox(r *runsc, id string) error {
 	return errors.Join(errs...)
 }
 
-// Close stops the warm pool: no sandbox is started any more, and every idle one is deleted with
-// its directory. Cells are not touched — those started from the pool included: they are cells
-// like any other, outlive the Backend by design, and are ended by Destroy (or a later Recover).
-// The Backend remains usable; later Creates take the cold path. ctx bounds the wait for the idle
-// sandboxes to go; what is left then is named in the error (ErrHost), and Recover removes it.
-// Close is idempotent and safe for concurrent use; without a pool it does nothing.
+// Close releases what the Backend keeps ahead of time: the spare shim ends, and the warm pool
+// stops: no sandbox is started any more, and every idle one is deleted with its directory. Cells
+// are not touched — those started from the pool included: they are cells like any other, outlive
+// the Backend by design, and are ended by Destroy (or a later Recover). The Backend remains
+// usable; later Creates take the cold path and start their shims themselves. ctx bounds the wait
+// for the idle sandboxes to go; what is left then is named in the error (ErrHost), and Recover
+// removes it. Close is idempotent and safe for concurrent use.
 func (b *Backend) Close(ctx context.Context) error {
+	b.closeSpare()
 	p := b.pool
 	if p == nil {
 		return nil

@@ -657,6 +657,7 @@ func TestWithWarmPoolSize(t *testing.T) {
 	}
 	b, err := gvisor.New(gvisor.WithWarmPool(0))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	assert.Equal(t, gvisor.PoolStats{}, b.PoolStats())
 	assert.NoError(t, b.Close(context.Background()), "Close without a pool")
 }

@@ -53,6 +53,7 @@ func TestRealRuntimeProbe(t *testing.T) {
 	// Cached: a second Backend on the same binary gets the same probe.
 	other, err := gvisor.New(gvisor.WithBundleRoot(t.TempDir()))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = other.Close(context.Background()) })
 	again, err := other.Runtime(context.Background())
 	require.NoError(t, err)
 	assert.Equal(t, info.ProbedAt, again.ProbedAt)
@@ -60,6 +61,7 @@ func TestRealRuntimeProbe(t *testing.T) {
 	// A platform the binary lacks is refused before anything is written.
 	bad, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithPlatform("nosuchplatform"))
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = bad.Close(context.Background()) })
 	_, err = bad.Create(context.Background(), sh("bad-platform", "true"))
 	require.ErrorIs(t, err, cellos.ErrHost)
 	assert.Contains(t, err.Error(), `has no platform "nosuchplatform"`)
@@ -79,6 +81,7 @@ func TestRealRuntimePlatforms(t *testing.T) {
 		}
 		b, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithPlatform(p), gvisor.WithLogger(zaptest.NewLogger(t)))
 		require.NoError(t, err)
+		t.Cleanup(func() { _ = b.Close(context.Background()) })
 		h, err := b.Create(context.Background(), sh("platform-"+p, "exit 4"))
 		require.NoError(t, err)
 		st, err := b.WaitForExit(context.Background(), h.CellID)

@@ -36,6 +36,9 @@ const (
 
 func init() {
 	if len(os.Args) == 2 && os.Args[0] == shimArgv0 && os.Getenv(shimEnv) == "1" {
+		if os.Args[1] == spareArg {
+			os.Exit(spareMain())
+		}
 		os.Exit(shimMain(os.Args[1]))
 	}
 }
@@ -88,8 +91,14 @@ type streamRecord struct {
 
 // shimMain runs in the shim process. Its stderr is <bundle>/shim.log; fd 3 is the readiness pipe
 // to the library: one line, "ok" once runsc has started, or the reason it could not.
-func shimMain(bundle string) int {
+// ignoreSignals makes the shim deaf to the signals of a terminal and of a closed pipe.
+func ignoreSignals() {
 	signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGPIPE, syscall.SIGTTOU, syscall.SIGTTIN)
+}
+
+func shimMain(bundle string) int {
+	ignoreSignals()
+	syscall.CloseOnExec(3) // not runsc's
 	ready := os.NewFile(3, "ready")
 	say := func(msg string) {
 		if ready != nil {

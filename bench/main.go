@@ -38,11 +38,12 @@ func main() {
 	out := flag.String("out", "results", "directory for results.md and the charts")
 	mode := flag.String("mode", "compare", "compare: library vs raw runsc; pool: warm pool vs cold starts")
 	runscs := flag.String("runsc", "runsc", "pool mode: the runsc binaries to measure, separated by spaces or commas")
+	spare := flag.Bool("spare", true, "compare mode: the library keeps a spare shim (gvisor.WithSpareShim)")
 	flag.Parse()
 	var err error
 	switch *mode {
 	case "compare":
-		err = run(*n, *conc, *resident, *out)
+		err = run(*n, *conc, *resident, *out, *spare)
 	case "pool":
 		err = runPool(*n, runscList(*runscs), *out)
 	default:
@@ -69,14 +70,14 @@ type bench struct {
 	template string   // a bundle directory to copy for raw runs
 }
 
-func run(n int, concList string, resident int, outDir string) error {
+func run(n int, concList string, resident int, outDir string, spare bool) error {
 	work, err := os.MkdirTemp("", "cellbench-")
 	if err != nil {
 		return err
 	}
 	defer removeWork(work)
 	bn := &bench{root: filepath.Join(work, "lib"), rawRoot: filepath.Join(work, "raw")}
-	if bn.b, err = gvisor.New(gvisor.WithBundleRoot(bn.root)); err != nil {
+	if bn.b, err = gvisor.New(gvisor.WithBundleRoot(bn.root), gvisor.WithSpareShim(spare)); err != nil {
 		return err
 	}
 	if err := bn.prepareRaw(); err != nil {

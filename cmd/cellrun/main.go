@@ -71,7 +71,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		usage(stderr)
 		return 2
 	}
-	var opts []gvisor.Option
+	// One cell per invocation: a spare shim would only be started to be thrown away.
+	opts := []gvisor.Option{gvisor.WithSpareShim(false)}
 	if *bundleRoot != "" {
 		opts = append(opts, gvisor.WithBundleRoot(*bundleRoot))
 	}

@@ -71,7 +71,8 @@ func runOperate(cmd string, args []string, stdout, stderr io.Writer) (code int, 
 		usage(stderr)
 		return 2, true
 	}
-	var opts []gvisor.Option
+	// One cell per invocation: a spare shim would only be started to be thrown away.
+	opts := []gvisor.Option{gvisor.WithSpareShim(false)}
 	if *bundleRoot != "" {
 		opts = append(opts, gvisor.WithBundleRoot(*bundleRoot))
 	}
