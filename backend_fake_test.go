@@ -85,6 +85,7 @@ func (e *fakeEnv) newBackend(opts ...Option) *Backend {
 	e.t.Helper()
 	b, err := New(append([]Option{WithLogger(zaptest.NewLogger(e.t)), WithOutput(e.output)}, opts...)...)
 	require.NoError(e.t, err)
+	e.t.Cleanup(func() { _ = b.Close(context.Background()) }) // its spare shim; before requireNothingLeft
 	return b
 }
 
