@@ -58,9 +58,16 @@ func (h *Handle) Wait(ctx context.Context) error {
 
 // Exited reports whether the process has exited, without blocking.
 func (h *Handle) Exited() bool {
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	return h.Wait(ctx) == nil
+	rc, err := h.f.SyscallConn()
+	if err != nil {
+		return false
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, _ = unix.Poll(fds, 0)
+	})
+	return n > 0
 }
 
 // Signal sends sig to the process.
