@@ -609,7 +609,6 @@ func TestPoolCrashSupervisorKilledThenRecover(t *testing.T) {
 	assert.Empty(t, rep.Cleaned, "idle pool sandboxes are not cells")
 	_, err = os.Lstat(filepath.Join(e.root, ".pool"))
 	assert.ErrorIs(t, err, os.ErrNotExist, "the idle sandboxes are gone")
-	assert.Len(t, e.keepers(), 1, "only the long cell's keeper runs")
 	st, err := e.b.WaitForExit(context.Background(), "pquick")
 	require.NoError(t, err)
 	assert.Equal(t, cellos.ExitStatus{Code: 5, Reason: cellos.ExitExited}, st)
@@ -617,8 +616,9 @@ func TestPoolCrashSupervisorKilledThenRecover(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, cellos.ExitStatus{Code: 3, Reason: cellos.ExitExited}, st)
 	assert.Equal(t, "before\nafter\n", e.out("plater").stdout.String(), "adopted cells' output from the start")
-	// The exited pooled cells' sandboxes went with them (their WaitForExit includes that), the idle
-	// ones with Recover: only the long cell's sandbox is left in runsc's state root.
+	// The exited pooled cells' keepers and sandboxes went with them (their WaitForExit includes
+	// that), the idle ones with Recover: only the long cell's are left.
+	assert.Len(t, e.keepers(), 1, "only the long cell's keeper runs")
 	state, _ := os.ReadDir(filepath.Join(e.root, ".runsc"))
 	long := e.shimRecord("plong")
 	for _, s := range state {
