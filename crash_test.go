@@ -57,6 +57,7 @@ func TestHelperSupervisor(t *testing.T) {
 		create("later", "echo before; sleep 3; echo after; exit 3")
 		awaitSpare()
 		create("long", "echo long; sleep 120")
+		awaitSpare() // unclaimed when the supervisor dies
 	}
 	fmt.Println("ready")
 	select {} // until killed
@@ -113,6 +114,22 @@ func awaitSpare() {
 	}
 }
 
+// spareOf reports whether an unclaimed spare shim of the helper supervisor for root runs.
+func spareOf(root string) bool {
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, p := range procs {
+		cmdline, _ := os.ReadFile(p + "/cmdline")
+		environ, _ := os.ReadFile(p + "/environ")
+		if string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" &&
+			bytes.Contains(environ, []byte("\x00CELLOS_TEST_ROOT="+root+"\x00")) {
+			if cwd, _ := os.Readlink(p + "/cwd"); cwd == "/" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // spareServes reports whether the shim recorded in bundle is a spare shim that serves it.
 func spareServes(bundle string) bool {
 	var rec pidRecordT
@@ -158,6 +175,7 @@ func TestCrashSupervisorKilledThenRecover(t *testing.T) {
 	t.Parallel()
 	e := newRealEnv(t)
 	sup := startSupervisor(t, "crash", e.root)
+	require.True(t, spareOf(e.root), "the supervisor has an unclaimed spare shim")
 	// SIGKILL the supervisor's whole process group: a crash, or a Ctrl-C that nothing handles.
 	require.NoError(t, syscall.Kill(-sup.Process.Pid, syscall.SIGKILL))
 	_ = sup.Wait()
@@ -171,6 +189,9 @@ func TestCrashSupervisorKilledThenRecover(t *testing.T) {
 	require.NoError(t, os.Symlink(victim, filepath.Join(e.root, "planted")))
 
 	assert.True(t, spareServes(filepath.Join(e.root, "long")), "the long cell runs under a spare shim")
+	// The dead supervisor's unclaimed spare shim exits by itself.
+	require.Eventually(t, func() bool { return !spareOf(e.root) }, 10*time.Second, 20*time.Millisecond,
+		"the dead supervisor's spare shim still runs")
 
 	// The cells went on without their supervisor.
 	require.Eventually(t, func() bool {

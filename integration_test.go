@@ -145,13 +145,18 @@ func (e *realEnv) destroy(h cellos.CellHandle) cellos.TeardownReport {
 }
 
 // leftovers lists what of this env's cells is still on the host: processes whose command line
-// names the bundle root, runsc state files, bundle directories and cgroups.
+// names the bundle root or whose working directory is in it (a spare shim serving a cell), runsc
+// state files, bundle directories and cgroups.
 func (e *realEnv) leftovers() []string {
 	var left []string
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		data, err := os.ReadFile(p)
-		if err != nil || !bytes.Contains(data, []byte(e.root)) {
+		if err != nil {
+			continue
+		}
+		cwd, _ := os.Readlink(filepath.Join(filepath.Dir(p), "cwd"))
+		if !bytes.Contains(data, []byte(e.root)) && !strings.HasPrefix(cwd, e.root+"/") {
 			continue
 		}
 		left = append(left, "process "+filepath.Base(filepath.Dir(p))+": "+strings.ReplaceAll(string(data), "\x00", " "))
