@@ -6,7 +6,7 @@ import (
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// typicalDocument is the DESIGN.md example without egress: a realistic document with every
+// typicalDocument is the cell document format's example without egress: a realistic document with every
 // section filled in.
 const typicalDocument = `{
   "apiVersion": "cellos.dev/v1",

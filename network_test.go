@@ -250,7 +250,7 @@ func TestEgressRuntimeSupport(t *testing.T) {
 	info, err := e.b.Runtime(ctx)
 	require.NoError(t, err)
 	mode, modeErr := e.b.EgressMode(ctx)
-	// What RUNSC.md measured on these machines: Debian's runsc refuses sandbox networking on this
+	// Measured on these machines: Debian's runsc refuses sandbox networking on this
 	// kernel, the current one runs it. Any other binary is taken at its probe's word.
 	switch info.Version {
 	case "0.0~20221219.0":

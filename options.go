@@ -156,7 +156,7 @@ func WithRunscFlags(flags ...string) Option {
 
 // WithSpareShim keeps one cell shim started ahead of the next Create (default true), which takes
 // the start-up of the program's own binary off a cell's start: the shim is this binary,
-// re-executed. The spare is a process of about 3 MiB that exits with the program or at Close.
+// re-executed. The spare is a process of about 2 MiB (PSS) that exits with the program or at Close.
 // A program that creates one cell and exits (a CLI) turns it off.
 func WithSpareShim(enabled bool) Option {
 	return func(o *options) error {

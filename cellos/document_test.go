@@ -14,7 +14,7 @@ import (
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// exampleDoc is the example document of DESIGN.md, verbatim.
+// exampleDoc is the example document of the cell document format, verbatim.
 const exampleDoc = `{
   "apiVersion": "cellos.dev/v1",
   "kind": "ExecutionCell",
@@ -38,7 +38,7 @@ const exampleDoc = `{
   }
 }`
 
-// exampleWithEgress is the example with the egress rule DESIGN.md shows: valid as a document (the
+// exampleWithEgress is the example with the egress rule the format's example shows: valid as a document (the
 // gVisor backend refuses it later with ErrUnsupported, not Validate).
 var exampleWithEgress = strings.Replace(exampleDoc, `"egress": []`,
 	`"egress": [{"cidr": "203.0.113.0/24", "port": 443, "protocol": "tcp"}]`, 1)

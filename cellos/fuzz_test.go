@@ -15,7 +15,7 @@ import (
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// fuzzIDPattern is the id grammar of DESIGN.md, written out independently of the package's own.
+// fuzzIDPattern is the id grammar of the cell document format, written out independently of the package's own.
 var fuzzIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 type fuzzSeed struct {
