@@ -50,7 +50,9 @@ type spareShim struct {
 type spares struct {
 	mu       sync.Mutex
 	s        *spareShim
-	disabled bool // WithSpareShim(false), or after Close
+	starting sync.WaitGroup // a spare being started, outside mu: Creates do not wait for it
+	busy     bool           // one is being started
+	disabled bool           // WithSpareShim(false), or after Close
 }
 
 // take returns the spare, if there is one that was started with the current environment.
@@ -66,23 +68,36 @@ func (sp *spares) take() *spareShim {
 	return s
 }
 
-// refill starts a spare when there is none.
+// refillSpare starts a spare when there is none.
 func (b *Backend) refillSpare() {
 	sp := &b.spares
 	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	if sp.disabled || sp.s != nil {
+	if sp.disabled || sp.s != nil || sp.busy {
+		sp.mu.Unlock()
 		return
 	}
+	sp.busy = true
+	sp.starting.Add(1)
+	sp.mu.Unlock()
+	defer sp.starting.Done()
+
 	s, err := startSpare()
-	if err != nil {
-		b.log.Warn("cannot start a spare shim; cells start without one", zap.Error(err))
-		return
+	sp.mu.Lock()
+	sp.busy = false
+	keep := err == nil && !sp.disabled && sp.s == nil
+	if keep {
+		sp.s = s
 	}
-	sp.s = s
+	sp.mu.Unlock()
+	switch {
+	case err != nil:
+		b.log.Warn("cannot start a spare shim; cells start without one", zap.Error(err))
+	case !keep:
+		s.discard() // Close came first
+	}
 }
 
-// closeSpare ends the spare and starts no more.
+// closeSpare ends the spare, and one being started, and starts no more.
 func (b *Backend) closeSpare() {
 	sp := &b.spares
 	sp.mu.Lock()
@@ -92,6 +107,7 @@ func (b *Backend) closeSpare() {
 	if s != nil {
 		s.discard()
 	}
+	sp.starting.Wait()
 }
 
 func startSpare() (*spareShim, error) {
