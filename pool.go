@@ -646,11 +646,13 @@ func (p *warmPool) discard(e *warmEntry) error {
 
 // removeSandbox force-deletes a pool sandbox runsc still holds state of.
 func removeSandbox(r *runsc, id string) error {
-	if len(r.stateFiles(id)) == 0 {
+	files := r.stateFiles(id)
+	if len(files) == 0 {
 		return nil
 	}
+	locksOnly := !slices.ContainsFunc(files, func(f string) bool { return !strings.HasSuffix(f, ".lock") })
 	var errs []error
-	if r.Path != "" {
+	if r.Path != "" && !locksOnly { // lone locks: nothing for runsc to delete
 		ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
 		if err := r.Delete(ctx, id); err != nil {
 			errs = append(errs, err)
@@ -1019,7 +1021,7 @@ func (b *Backend) recoverPool(ctx context.Context, loc location) error {
 	wg.Wait()
 	if loc.runscErr == nil {
 		if _, err := os.Stat(loc.runsc.Root); err == nil {
-			if err := b.removeOrphanPoolState(ctx, loc); err != nil {
+			if err := b.removeOrphanPoolState(loc); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -1075,11 +1077,8 @@ func (b *Backend) removePoolEntry(loc location, name string) error {
 
 // removeOrphanPoolState removes runsc containers with a pool id that no pool directory and no
 // cell's bundle names: a pool sandbox whose directory went while runsc kept it.
-func (b *Backend) removeOrphanPoolState(ctx context.Context, loc location) error {
-	states, err := loc.runsc.List(ctx)
-	if err != nil {
-		return err
-	}
+func (b *Backend) removeOrphanPoolState(loc location) error {
+	ids, _ := loc.runsc.stateIDs()
 	inUse := map[string]bool{}
 	if entries, err := os.ReadDir(loc.root); err == nil {
 		for _, en := range entries {
@@ -1091,18 +1090,18 @@ func (b *Backend) removeOrphanPoolState(ctx context.Context, loc location) error
 		}
 	}
 	var errs []error
-	for _, st := range states {
-		if !isPoolRunscID(st.ID) || inUse[st.ID] {
+	for id := range ids {
+		if !isPoolRunscID(id) || inUse[id] {
 			continue
 		}
-		name := strings.TrimPrefix(st.ID, poolIDPrefix)
+		name := strings.TrimPrefix(id, poolIDPrefix)
 		if b.pool.owns(name) {
 			continue
 		}
 		if _, err := os.Lstat(filepath.Join(loc.root, poolDirName, name)); err == nil {
 			continue // its directory is there: removePoolEntry reported why it stayed
 		}
-		if err := removeSandbox(loc.runsc, st.ID); err != nil {
+		if err := removeSandbox(loc.runsc, id); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -2,10 +2,12 @@ package gvisor
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
@@ -91,3 +93,28 @@ func TestPooledProcessFile(t *testing.T) {
 }
 
 func mkdir(p string) error { return os.Mkdir(p, 0o755) }
+
+func TestStateIDsFromFileNames(t *testing.T) {
+	dir := t.TempDir()
+	cold := RunscID("/b", "c1")
+	pool := poolIDPrefix + "0123456789abcdef01234567"
+	for _, f := range []string{cold + ".state", cold + ".lock", pool + "_sandbox:" + pool + ".lock", nullNetNS} {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, f), nil, 0o600))
+	}
+	r := &runsc{Root: dir}
+	ids, other := r.stateIDs()
+	assert.Equal(t, map[string]bool{cold: true, pool: true}, ids)
+	assert.False(t, other)
+
+	for _, f := range []string{"foreign.state", "cellos-short.state", "cellos-" + "zz23456789abcdef01234567.state"} {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, f), nil, 0o600))
+		_, other = r.stateIDs()
+		assert.True(t, other, f)
+		require.NoError(t, os.Remove(filepath.Join(dir, f)))
+	}
+
+	// Lone locks of a pool sandbox go without runsc (there is none here to call).
+	require.NoError(t, removeSandbox(&runsc{Root: dir}, pool))
+	ids, _ = r.stateIDs()
+	assert.Equal(t, map[string]bool{cold: true}, ids)
+}

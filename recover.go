@@ -64,8 +64,9 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 	if err := b.recoverPool(ctx, loc); err != nil { // idle warm-pool sandboxes (pool.go): removed, never listed
 		errs = append(errs, err)
 	}
-	// runsc state whose bundle is gone: Create or Destroy was interrupted.
-	if loc.runscErr == nil {
+	// runsc state whose bundle is gone: Create or Destroy was interrupted. runsc is asked (for the
+	// bundle paths) only when the state root names a container no bundle accounts for.
+	if loc.runscErr == nil && unaccountedState(loc, seen) {
 		if _, err := os.Stat(loc.runsc.Root); err == nil {
 			states, err := loc.runsc.List(ctx)
 			if err != nil {
@@ -102,6 +103,25 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 		return rep, cellos.NewError(op, "", cellos.ErrHost, errors.Join(errs...))
 	}
 	return rep, nil
+}
+
+// unaccountedState reports whether the state root has entries that are neither a pool sandbox's
+// nor a container of a bundle seen in the bundle root.
+func unaccountedState(loc location, seen map[string]bool) bool {
+	ids, other := loc.runsc.stateIDs()
+	if other {
+		return true
+	}
+	known := make(map[string]bool, len(seen))
+	for id := range seen {
+		known[RunscID(loc.root, id)] = true
+	}
+	for id := range ids {
+		if !isPoolRunscID(id) && !known[id] {
+			return true
+		}
+	}
+	return false
 }
 
 // recoverCell adopts or cleans one cell. found is false when the id is tracked or busy here.

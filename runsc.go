@@ -175,6 +175,45 @@ func (r *runsc) stateFiles(id string) []string {
 	return out
 }
 
+// stateIDs returns the ids of the library's containers that have files in the state root, read
+// from the file names (`<id>.state`, `<id>_sandbox:<id>.state` and their `.lock`s), without
+// running runsc: a `runsc list` loads every container, and loading one that is being deleted
+// creates its lock file again. other reports entries that are not the library's.
+func (r *runsc) stateIDs() (ids map[string]bool, other bool) {
+	entries, err := os.ReadDir(r.Root)
+	if err != nil {
+		return nil, false
+	}
+	ids = map[string]bool{}
+	for _, e := range entries {
+		name := e.Name()
+		n := 0
+		switch {
+		case name == nullNetNS:
+			continue
+		case strings.HasPrefix(name, poolIDPrefix):
+			n = len(poolIDPrefix) + poolNameLen
+		case strings.HasPrefix(name, runscIDPrefix):
+			n = len(runscIDPrefix) + 24 // RunscID: 12 bytes of digest in hex
+		}
+		if n == 0 || len(name) <= n || (name[n] != '.' && name[n] != '_') || !isHex(name[n-24:n]) {
+			other = true
+			continue
+		}
+		ids[name[:n]] = true
+	}
+	return ids, other
+}
+
+func isHex(s string) bool {
+	for i := range len(s) {
+		if !strings.ContainsRune("0123456789abcdef", rune(s[i])) {
+			return false
+		}
+	}
+	return true
+}
+
 // removeStaleLocks removes the lock files of a container that has no state file — what a sandbox
 // that was stopped while starting leaves, and `runsc delete --force` does not remove — and
 // returns the state files that remain. The caller must know that no runsc process of the
