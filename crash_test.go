@@ -130,34 +130,36 @@ func spareOf(root string) bool {
 	return false
 }
 
-// spareServes reports whether the shim recorded in bundle is a spare shim that serves it.
-func spareServes(bundle string) bool {
+// shimOf returns the pid bundle's shim.pid records when that process is the bundle's shim, and
+// whether it is a spare shim that serves the bundle rather than one started for it.
+func shimOf(bundle string) (pid int, spare bool) {
 	var rec pidRecordT
 	data, err := os.ReadFile(filepath.Join(bundle, "shim.pid"))
 	if err != nil || json.Unmarshal(data, &rec) != nil {
-		return false
+		return 0, false
 	}
 	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", rec.Pid))
 	cwd, _ := os.Readlink(fmt.Sprintf("/proc/%d/cwd", rec.Pid))
-	return string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" && cwd == bundle
+	switch {
+	case string(cmdline) == "cellos-gvisor-shim\x00"+bundle+"\x00":
+		return rec.Pid, false
+	case string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" && cwd == bundle:
+		return rec.Pid, true
+	}
+	return 0, false
 }
 
-// shimPid finds the pid of a cell's shim: the one its bundle records, when that process is a
-// shim (started for the bundle, or a spare shim whose working directory is the bundle).
+// spareServes reports whether bundle's cell runs under a spare shim.
+func spareServes(bundle string) bool {
+	_, spare := shimOf(bundle)
+	return spare
+}
+
+// shimPid finds the pid of a cell's shim, 0 when it does not run.
 func shimPid(t *testing.T, bundle string) int {
 	t.Helper()
-	var rec pidRecordT
-	data, err := os.ReadFile(filepath.Join(bundle, "shim.pid"))
-	if err != nil || json.Unmarshal(data, &rec) != nil {
-		return 0
-	}
-	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", rec.Pid))
-	cwd, _ := os.Readlink(fmt.Sprintf("/proc/%d/cwd", rec.Pid))
-	if bytes.Equal(cmdline, []byte("cellos-gvisor-shim\x00"+bundle+"\x00")) ||
-		bytes.Equal(cmdline, []byte("cellos-gvisor-shim\x00--spare\x00")) && cwd == bundle {
-		return rec.Pid
-	}
-	return 0
+	pid, _ := shimOf(bundle)
+	return pid
 }
 
 // childOf finds a child of pid.

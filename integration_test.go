@@ -374,35 +374,46 @@ func TestRealRunscMissing(t *testing.T) {
 func TestRealThirtyCellsAtOnce(t *testing.T) {
 	t.Parallel()
 	e := newRealEnv(t)
-	const n = 30
+	for _, err := range e.createAtOnce("many", 30, 5, true) {
+		assert.NoError(t, err)
+	}
+}
+
+// createAtOnce creates n cells at once, <prefix>-<i> printing "cell <i>" and exiting with i%mod,
+// waits for each and checks its status and output; destroy destroys each after its check.
+func (e *realEnv) createAtOnce(prefix string, n, mod int, destroy bool) []error {
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			id := fmt.Sprintf("many-%d", i)
-			h, err := e.b.Create(context.Background(), sh(id, fmt.Sprintf("echo cell %d; exit %d", i, i%5)))
+			id := fmt.Sprintf("%s-%d", prefix, i)
+			h, err := e.b.Create(context.Background(), sh(id, fmt.Sprintf("echo cell %d; exit %d", i, i%mod)))
 			if err != nil {
 				errs <- err
 				return
 			}
 			st, err := e.b.WaitForExit(context.Background(), h.CellID)
-			if err == nil && (st.Code != i%5 || st.Reason != cellos.ExitExited) {
+			if err == nil && (st.Code != i%mod || st.Reason != cellos.ExitExited) {
 				err = fmt.Errorf("%s: status %+v", id, st)
 			}
 			if err == nil && e.out(id).stdout.String() != fmt.Sprintf("cell %d\n", i) {
 				err = fmt.Errorf("%s: output %q", id, e.out(id).stdout.String())
 			}
-			if _, derr := e.b.Destroy(context.Background(), h); err == nil {
-				err = derr
+			if destroy {
+				if _, derr := e.b.Destroy(context.Background(), h); err == nil {
+					err = derr
+				}
 			}
 			errs <- err
 		}()
 	}
 	wg.Wait()
 	close(errs)
+	var out []error
 	for err := range errs {
-		assert.NoError(t, err)
+		out = append(out, err)
 	}
+	return out
 }

@@ -387,31 +387,7 @@ func TestPoolSurplusTakesColdPath(t *testing.T) {
 	e := newPoolEnv(t, 2)
 	e.awaitIdle(2)
 	const n = 8
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			id := fmt.Sprintf("pool-burst-%d", i)
-			h, err := e.b.Create(context.Background(), sh(id, fmt.Sprintf("echo cell %d; exit %d", i, i%3)))
-			if err != nil {
-				errs <- err
-				return
-			}
-			st, err := e.b.WaitForExit(context.Background(), h.CellID)
-			if err == nil && (st.Code != i%3 || st.Reason != cellos.ExitExited) {
-				err = fmt.Errorf("%s: status %+v", id, st)
-			}
-			if err == nil && e.out(id).stdout.String() != fmt.Sprintf("cell %d\n", i) {
-				err = fmt.Errorf("%s: output %q", id, e.out(id).stdout.String())
-			}
-			errs <- err
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	for _, err := range e.createAtOnce("pool-burst", n, 3, false) {
 		assert.NoError(t, err)
 	}
 	pooled := 0
