@@ -416,15 +416,7 @@ func (b *Backend) shimProcess(bundle string) (cmd *exec.Cmd, ready *os.File, spa
 		_ = readyW.Close()
 		return nil, nil, false, err
 	}
-	cmd = &exec.Cmd{
-		Path:        "/proc/self/exe",
-		Args:        []string{shimArgv0, bundle},
-		Env:         shimEnviron(),
-		Dir:         bundle,
-		Stderr:      logf,
-		ExtraFiles:  []*os.File{readyW},
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
-	}
+	cmd = selfCommand([]string{shimArgv0, bundle}, bundle, logf, readyW)
 	err = cmd.Start()
 	_ = readyW.Close()
 	_ = logf.Close()
@@ -433,6 +425,24 @@ func (b *Backend) shimProcess(bundle string) (cmd *exec.Cmd, ready *os.File, spa
 		return nil, nil, false, err
 	}
 	return cmd, readyR, false, nil
+}
+
+// selfCommand is this binary re-executed as argv[0] — a shim or a pool keeper, recognised by the
+// package's init — in a session of its own, with the shim environment; extra become fds 3, 4, ...
+// stderr may be nil (/dev/null).
+func selfCommand(argv []string, dir string, stderr *os.File, extra ...*os.File) *exec.Cmd {
+	cmd := &exec.Cmd{
+		Path:        "/proc/self/exe",
+		Args:        argv,
+		Env:         shimEnviron(),
+		Dir:         dir,
+		ExtraFiles:  extra,
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	if stderr != nil {
+		cmd.Stderr = stderr
+	}
+	return cmd
 }
 
 // shimEnviron is the shim's environment: the program's, with the shim marker. A binary built with

@@ -544,15 +544,7 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 		}
 		return err
 	}
-	cmd := &exec.Cmd{
-		Path:        "/proc/self/exe",
-		Args:        []string{keeperArgv0, e.dir},
-		Env:         shimEnviron(),
-		Dir:         e.dir,
-		Stderr:      logf,
-		ExtraFiles:  []*os.File{repliesW, claimsR},
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
-	}
+	cmd := selfCommand([]string{keeperArgv0, e.dir}, e.dir, logf, repliesW, claimsR)
 	err = cmd.Start()
 	_ = repliesW.Close()
 	_ = claimsR.Close()

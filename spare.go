@@ -43,7 +43,6 @@ type spareShim struct {
 	cmd    *exec.Cmd
 	ready  *os.File
 	claims *os.File
-	env    []string // the environment it was started with
 }
 
 // spares holds at most one spare shim.
@@ -61,7 +60,7 @@ func (sp *spares) take() *spareShim {
 	s := sp.s
 	sp.s = nil
 	sp.mu.Unlock()
-	if s != nil && !slices.Equal(s.env, shimEnviron()) {
+	if s != nil && !slices.Equal(s.cmd.Env, shimEnviron()) { // started with another environment
 		s.discard()
 		return nil
 	}
@@ -121,15 +120,7 @@ func startSpare() (*spareShim, error) {
 		_ = readyW.Close()
 		return nil, err
 	}
-	env := shimEnviron()
-	cmd := &exec.Cmd{
-		Path:        "/proc/self/exe",
-		Args:        []string{shimArgv0, spareArg},
-		Env:         env,
-		Dir:         "/",
-		ExtraFiles:  []*os.File{readyW, claimR},
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
-	}
+	cmd := selfCommand([]string{shimArgv0, spareArg}, "/", nil, readyW, claimR)
 	err = cmd.Start()
 	_ = readyW.Close()
 	_ = claimR.Close()
@@ -138,7 +129,7 @@ func startSpare() (*spareShim, error) {
 		_ = claimW.Close()
 		return nil, err
 	}
-	return &spareShim{cmd: cmd, ready: readyR, claims: claimW, env: env}, nil
+	return &spareShim{cmd: cmd, ready: readyR, claims: claimW}, nil
 }
 
 // claim hands the spare a bundle. It fails when the spare is gone; the caller starts a shim.
