@@ -127,16 +127,7 @@ func run(n int, concList string, resident int, outDir string, spare bool) error 
 	if r.Memory, err = bn.memory(resident); err != nil {
 		return err
 	}
-	md := r.markdown()
-	fmt.Print(md)
-	if err := os.MkdirAll(outDir, 0o755); err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(outDir, "results.md"), []byte(md), 0o644); err != nil {
-		return err
-	}
-	data, _ := json.MarshalIndent(r, "", "  ")
-	if err := os.WriteFile(filepath.Join(outDir, "results.json"), data, 0o644); err != nil {
+	if err := writeReport(outDir, "results", r.markdown(), r); err != nil {
 		return err
 	}
 	return r.charts(outDir)
@@ -419,4 +410,17 @@ func removeWork(dir string) {
 		_ = syscall.Unmount(under[i], syscall.MNT_DETACH)
 	}
 	_ = os.RemoveAll(dir)
+}
+
+// writeReport prints md and writes it to <dir>/<name>.md, and v to <dir>/<name>.json.
+func writeReport(dir, name, md string, v any) error {
+	fmt.Print(md)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+".md"), []byte(md), 0o644); err != nil {
+		return err
+	}
+	data, _ := json.MarshalIndent(v, "", "  ")
+	return os.WriteFile(filepath.Join(dir, name+".json"), data, 0o644)
 }

@@ -398,16 +398,7 @@ func runPool(n int, runscs []string, outDir string) error {
 			return err
 		}
 	}
-	md := r.markdown()
-	fmt.Print(md)
-	if err := os.MkdirAll(outDir, 0o755); err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(outDir, "pool.md"), []byte(md), 0o644); err != nil {
-		return err
-	}
-	data, _ := json.MarshalIndent(r, "", "  ")
-	return os.WriteFile(filepath.Join(outDir, "pool.json"), data, 0o644)
+	return writeReport(outDir, "pool", r.markdown(), r)
 }
 
 // idlePool fills a pool of k and measures what it costs while idle, then closes it.
