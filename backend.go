@@ -48,7 +48,7 @@ const (
 // New returns a Backend. It does not look for runsc: that happens at every Create, so that the
 // environment overrides apply.
 func New(opts ...Option) (*Backend, error) {
-	o := options{outputCap: DefaultOutputCap}
+	o := options{outputCap: DefaultOutputCap, minFree: DefaultMinFreeSpace, defaults: DefaultLimits}
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
 			return nil, fmt.Errorf("gvisor.New: %w", err)
@@ -60,6 +60,12 @@ func New(opts ...Option) (*Backend, error) {
 	b := &Backend{opts: o, log: o.logger, host: ProbeHostSystem(), cells: newTracker(), root: os.Geteuid() == 0}
 	if cg, err := cgroups.Detect(); err == nil && cg.Available() {
 		b.cg = cg
+	}
+	if (b.cg == nil || !b.root) && !o.defaultsSet && (o.defaults.MemoryBytes > 0 || o.defaults.CPUMillis > 0) {
+		// The library's own defaults cannot be enforced here; an operator's would be refused.
+		b.log.Warn("cells without declared limits run without memory and CPU limits: cgroups need root and a mounted hierarchy",
+			zap.Int64("defaultMemoryBytes", o.defaults.MemoryBytes), zap.Int64("defaultCpuMillis", o.defaults.CPUMillis))
+		b.opts.defaults.MemoryBytes, b.opts.defaults.CPUMillis = 0, 0
 	}
 	b.spares.disabled = o.noSpare
 	b.pool = newWarmPool(b, o.warmPool) // starts filling in the background
@@ -134,6 +140,7 @@ func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCe
 	if err := doc.Validate(); err != nil {
 		return cellos.CellHandle{}, relabel(err, op)
 	}
+	doc = b.withDefaults(doc)
 	s := &doc.Spec
 	if err := b.supports(s); err != nil {
 		return cellos.CellHandle{}, cellos.NewError(op, s.ID, cellos.ErrUnsupported, err)
@@ -142,6 +149,10 @@ func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCe
 		return cellos.CellHandle{}, relabel(err, op)
 	}
 	loc := b.locate()
+	sources, err := b.checkPolicy(s, loc)
+	if err != nil {
+		return cellos.CellHandle{}, relabel(err, op)
+	}
 	if loc.runscErr != nil {
 		return cellos.CellHandle{}, cellos.NewError(op, s.ID, cellos.ErrHost, loc.runscErr)
 	}
@@ -153,7 +164,7 @@ func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCe
 		return cellos.CellHandle{}, relabel(err, op)
 	}
 	c := b.newCell(s.ID, loc)
-	c.net = nw
+	c.net, c.sources = nw, sources
 	if other := b.cells.claim(c); other != nil {
 		return cellos.CellHandle{}, cellos.Errorf(op, s.ID, cellos.ErrAlreadyExists, "a cell with this id is tracked or being torn down")
 	}
@@ -242,9 +253,12 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 	}
 	wantsCg := s.WantsCgroups()
 	if wantsCg {
-		if dirs := b.cg.Dirs(s.ID); len(dirs) > 0 {
+		if dirs := b.cg.Dirs(p.runscID); len(dirs) > 0 {
 			return fail(cellos.ErrAlreadyExists, "cgroup %s exists; Destroy or Recover removes it", dirs[0])
 		}
+	}
+	if err := b.checkFreeSpace(p.root); err != nil {
+		return fail(cellos.ErrHost, "%w", err)
 	}
 	if err := os.MkdirAll(p.root, 0o711); err != nil {
 		return fail(cellos.ErrHost, "bundle root: %w", err)
@@ -269,11 +283,11 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 		return fail(cellos.ErrHost, "writing the bundle: %w", err)
 	}
 	if wantsCg {
-		if err := b.cg.Create(s.ID, cgroups.Limits{MemoryBytes: s.Resources.MemoryBytes, CPUMillis: s.Resources.CPUMillis}); err != nil {
+		if err := b.cg.Create(p.runscID, cgroups.Limits{MemoryBytes: s.Resources.MemoryBytes, CPUMillis: s.Resources.CPUMillis}); err != nil {
 			return fail(cellos.ErrHost, "cgroups: %w", err)
 		}
-		c.memory = b.cg.MemoryDir(s.ID)
-		cgPath := cgroups.Path(s.ID)
+		c.memory = b.cg.MemoryDir(p.runscID)
+		cgPath := cgroups.Path(p.runscID)
 		c.handle.CgroupPath = &cgPath
 	}
 	if c.net != nil {
@@ -315,9 +329,9 @@ func (b *Backend) writeBundle(c *cell, doc *cellos.ExecutionCellDocument, wantsC
 	} else if err := mountImage(bundle, s.Rootfs.Path); err != nil {
 		return err
 	}
-	in := SpecInputs{HostSystem: b.host, NetNSPath: c.net.nsPath()}
+	in := SpecInputs{HostSystem: b.host, NetNSPath: c.net.nsPath(), Sources: c.sources}
 	if wantsCg {
-		in.CgroupsPath = cgroups.Path(s.ID)
+		in.CgroupsPath = cgroups.Path(c.paths.runscID)
 	}
 	data, err := MarshalSpec(BuildSpec(doc, in))
 	if err != nil {
@@ -692,8 +706,8 @@ func (b *Backend) teardown(c *cell) error {
 		}
 	}
 	b.releaseStateRoot(c.runsc) // current runsc's pinned null-netns, once no container is left
-	if b.cg != nil && ownsCgroups(c, bundleIsDir) {
-		if left, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
+	if b.cg != nil { // the cell's own: the path is its runsc id, unique to this bundle root
+		if left, err := b.cg.Remove(p.runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}
 	}
@@ -754,27 +768,6 @@ func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
 	return errors.Join(errs...)
 }
 
-// ownsCgroups reports whether the cgroups named after c's id are c's. Cgroup paths are host-wide
-// (/cellos/<id>) while ids are unique per bundle root only, so a cell of another root may use the
-// same path: the cgroups are c's only when c was created with limits — as tracked here or, for an
-// untracked id, as its bundle's config says.
-func ownsCgroups(c *cell, bundleIsDir bool) bool {
-	if c.created {
-		return c.handle.CgroupPath != nil
-	}
-	return bundleIsDir && configUsesCgroups(c)
-}
-
-// configUsesCgroups reports whether the cell's config.json places it in its own cgroups.
-func configUsesCgroups(c *cell) bool {
-	var cfg struct {
-		Linux struct {
-			CgroupsPath string `json:"cgroupsPath"`
-		} `json:"linux"`
-	}
-	return readJSON(filepath.Join(c.paths.bundle, fileConfig), &cfg) == nil && cfg.Linux.CgroupsPath == cgroups.Path(c.id)
-}
-
 // waitFor reports whether the process exits within d.
 func waitFor(h *proc.Handle, d time.Duration) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
@@ -805,7 +798,7 @@ func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
 	}
 	b.releaseStateRoot(c.runsc)
 	if wantsCg && b.cg != nil {
-		if _, err := b.cg.Remove(c.id, cgroupRmTimout); err != nil {
+		if _, err := b.cg.Remove(c.paths.runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -838,6 +831,7 @@ func (b *Backend) Config(doc *cellos.ExecutionCellDocument) ([]byte, error) {
 	if err := doc.Validate(); err != nil {
 		return nil, relabel(err, op)
 	}
+	doc = b.withDefaults(doc)
 	s := &doc.Spec
 	if err := b.supports(s); err != nil {
 		return nil, cellos.NewError(op, s.ID, cellos.ErrUnsupported, err)
@@ -845,11 +839,16 @@ func (b *Backend) Config(doc *cellos.ExecutionCellDocument) ([]byte, error) {
 	if err := b.checkHost(s); err != nil {
 		return nil, relabel(err, op)
 	}
-	in := SpecInputs{HostSystem: b.host}
-	if s.WantsCgroups() {
-		in.CgroupsPath = cgroups.Path(s.ID)
+	loc := b.locate()
+	sources, err := b.checkPolicy(s, loc)
+	if err != nil {
+		return nil, relabel(err, op)
 	}
-	in.NetNSPath = egressNetNS(b.locate().root, s)
+	root := loc.root
+	in := SpecInputs{HostSystem: b.host, NetNSPath: egressNetNS(root, s), Sources: sources}
+	if s.WantsCgroups() {
+		in.CgroupsPath = cgroups.Path(RunscID(root, s.ID))
+	}
 	data, err := MarshalSpec(BuildSpec(doc, in))
 	if err != nil {
 		return nil, cellos.NewError(op, s.ID, cellos.ErrHost, err)

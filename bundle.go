@@ -74,7 +74,14 @@ type SpecInputs struct {
 	HostSystem  []HostEntry // what a cell without rootfs sees of the host; see ProbeHostSystem
 	CgroupsPath string      // linux.cgroupsPath; "" when the cell has no limits
 	NetNSPath   string      // the network namespace to join (a cell with egress rules); "" for a new, empty one
+	// Sources are the bind mounts' sources with symlinks resolved, by mount index (see
+	// checkPolicy); a mount without one uses the document's source.
+	Sources map[int]string
 }
+
+// DefaultTmpSize is the size of the /tmp a cell gets when it declares none and has no memory
+// limit; with one, /tmp is as large as the limit (its files are the sandbox's memory).
+const DefaultTmpSize = 512 << 20
 
 // BuildSpec turns a validated document into the OCI runtime config of its bundle. The result is
 // deterministic for a given document and inputs, and the caller's own: nothing in it is shared
@@ -112,7 +119,7 @@ func BuildSpec(doc *cellos.ExecutionCellDocument, in SpecInputs) *specs.Spec {
 		Process:     &p.proc,
 		Root:        &p.root,
 		Hostname:    s.ID,
-		Mounts:      buildMounts(s, in.HostSystem),
+		Mounts:      buildMounts(s, in.HostSystem, in.Sources),
 		Linux:       &p.linux,
 		Annotations: buildAnnotations(s),
 	}
@@ -142,7 +149,7 @@ func buildAnnotations(s *cellos.CellSpec) map[string]string {
 	return ann
 }
 
-func buildMounts(s *cellos.CellSpec, host []HostEntry) []specs.Mount {
+func buildMounts(s *cellos.CellSpec, host []HostEntry, sources map[int]string) []specs.Mount {
 	var hostMounts []HostEntry
 	if s.Rootfs == nil {
 		hostMounts = host
@@ -161,7 +168,7 @@ func buildMounts(s *cellos.CellSpec, host []HostEntry) []specs.Mount {
 		}
 	}
 	if !tmpDeclared {
-		nm, no = nm+1, no+3
+		nm, no = nm+1, no+4
 	}
 	no += 5 * len(s.Mounts)
 	ms := make([]specs.Mount, 0, nm)
@@ -184,16 +191,24 @@ func buildMounts(s *cellos.CellSpec, host []HostEntry) []specs.Mount {
 		add(h.Path, "bind", h.Path, opt, "ro", "nosuid", "nodev")
 	}
 	if !tmpDeclared {
-		add("/tmp", "tmpfs", "tmpfs", "nosuid", "nodev", "mode=1777")
+		size := int64(DefaultTmpSize)
+		if r := s.Resources; r != nil && r.MemoryBytes > 0 {
+			size = r.MemoryBytes
+		}
+		add("/tmp", "tmpfs", "tmpfs", "nosuid", "nodev", "mode=1777", "size="+strconv.FormatInt(size, 10))
 	}
-	for _, m := range s.Mounts {
+	for i, m := range s.Mounts {
 		mode := "rw"
 		if m.IsReadOnly() {
 			mode = "ro"
 		}
 		switch m.Type {
 		case cellos.MountBind:
-			add(m.Destination, "bind", m.Source, "rbind", mode, "nosuid", "nodev")
+			src := m.Source
+			if r, ok := sources[i]; ok {
+				src = r
+			}
+			add(m.Destination, "bind", src, "rbind", mode, "nosuid", "nodev")
 		case cellos.MountTmpfs:
 			if m.SizeBytes > 0 {
 				var buf [32]byte

@@ -30,7 +30,8 @@ func mountImage(bundle, image string) error {
 		}
 	}
 	opts := "lowerdir=" + image + ",upperdir=" + upper + ",workdir=" + work
-	if err := unix.Mount("overlay", filepath.Join(bundle, dirRootfs), "overlay", 0, opts); err != nil {
+	// nosuid and nodev: a setuid binary or a device node in the image means nothing on the host.
+	if err := unix.Mount("overlay", filepath.Join(bundle, dirRootfs), "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
 		return fmt.Errorf("mounting the image %s as an overlay: %w", image, err)
 	}
 	return nil

@@ -212,6 +212,9 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	if err := probe.Validate(); err != nil {
 		return cellos.ExitStatus{}, relabel(err, op)
 	}
+	if err := b.checkUser(op, cellID, run.User); err != nil {
+		return cellos.ExitStatus{}, err
+	}
 	c, err := b.live(ctx, op, cellID)
 	if err != nil {
 		return cellos.ExitStatus{}, err
@@ -245,7 +248,9 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	// Not bound to ctx: killing runsc exec would leave the process running in the cell.
 	cmd := exec.Command(c.runsc.Path, c.runsc.execArgs(flags, c.paths.runscID, processFile, pidFile)...)
 	cmd.Dir = c.paths.bundle
-	cmd.Stdout, cmd.Stderr = stdout, stderr
+	outCap := &capWriter{w: stdout, left: b.opts.outputCap, name: "stdout"}
+	errCap := &capWriter{w: stderr, left: b.opts.outputCap, name: "stderr"}
+	cmd.Stdout, cmd.Stderr = outCap, errCap
 	cmd.WaitDelay = execWaitDelay // a background child holding the output must not hold Exec
 	if err := cmd.Start(); err != nil {
 		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrHost, "starting runsc exec: %w", err)
@@ -275,6 +280,12 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	}
 	if waitErr != nil && !errors.Is(waitErr, exec.ErrWaitDelay) {
 		b.log.Warn("exec output copy failed", zap.String("cell", cellID), zap.Error(waitErr))
+	}
+	for _, w := range []*capWriter{outCap, errCap} {
+		if w.dropped > 0 {
+			b.log.Warn("exec output reached its cap and was truncated", zap.String("cell", cellID),
+				zap.String("stream", w.name), zap.Int64("cap", b.opts.outputCap), zap.Int64("dropped", w.dropped))
+		}
 	}
 	return classify(code), nil
 }
@@ -442,7 +453,7 @@ func (b *Backend) Stats(ctx context.Context, cellID string) (Stats, error) {
 	}
 	st := Stats{MemoryBytes: ss.Memory.Usage.Usage, Pids: ss.Pids.Current}
 	if c.handle.CgroupPath != nil && b.cg != nil {
-		u, err := b.cg.Usage(c.id)
+		u, err := b.cg.Usage(c.paths.runscID)
 		if err != nil {
 			return Stats{}, cellos.Errorf(op, cellID, cellos.ErrHost, "reading the cell's cgroups: %w", err)
 		}
@@ -713,4 +724,32 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 		out = append(out, info)
 	}
 	return out, nil
+}
+
+// capWriter passes on at most left bytes to w (nil discards) and counts the rest: an exec'd
+// process's output is bounded like a cell's streams (WithOutputCap). The first byte over the cap
+// is replaced by a line that says so.
+type capWriter struct {
+	w       io.Writer
+	left    int64
+	name    string
+	dropped int64
+}
+
+func (c *capWriter) Write(p []byte) (int, error) {
+	n := int64(len(p))
+	keep := min(n, max(c.left, 0))
+	c.left -= keep
+	if keep < n {
+		if c.dropped == 0 && c.w != nil {
+			defer fmt.Fprintf(c.w, "\n[cellos: %s truncated]\n", c.name)
+		}
+		c.dropped += n - keep
+	}
+	if c.w != nil && keep > 0 {
+		if _, err := c.w.Write(p[:keep]); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
 }

@@ -5,8 +5,11 @@ import (
 	"io"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
 // Environment variables consulted at every Create (and Destroy, WaitForExit, Recover); they beat
@@ -18,6 +21,9 @@ const (
 
 // DefaultOutputCap bounds what is kept of each of a cell's output streams.
 const DefaultOutputCap = 64 << 20
+
+// DefaultMinFreeSpace is the free space Create requires on the bundle root's filesystem.
+const DefaultMinFreeSpace = 64 << 20
 
 // Option configures a Backend.
 type Option func(*options) error
@@ -34,6 +40,13 @@ type options struct {
 	net        netOptions // WithCellNetwork, WithEgressUplink, WithHostStackNetworking (network.go)
 	warmPool   int        // WithWarmPool (pool.go)
 	noSpare    bool       // WithSpareShim(false) (spare.go)
+
+	allowRoot    bool             // WithAllowRoot
+	bindSources  []string         // WithBindSources; nil: any source outside the protected directories
+	defaults     DefaultResources // WithDefaultResources
+	defaultsSet  bool             // the operator chose the defaults (enforced or refused, never skipped)
+	minFree      int64            // WithMinFreeSpace
+	sharedSocket bool             // WithUnconfinedControlSockets
 }
 
 // WithRunscPath sets the runsc binary (default: "runsc" on $PATH). CELLOS_GVISOR_RUNSC_BIN
@@ -161,6 +174,94 @@ func WithRunscFlags(flags ...string) Option {
 func WithSpareShim(enabled bool) Option {
 	return func(o *options) error {
 		o.noSpare = !enabled
+		return nil
+	}
+}
+
+// WithAllowRoot lets documents (and Exec) run their process as uid 0 or gid 0 inside the cell.
+// Refused by default: a process that is root inside the sandbox owns every file of the cell's
+// root and mounts that root owns, writable binds included.
+func WithAllowRoot(allow bool) Option {
+	return func(o *options) error {
+		o.allowRoot = allow
+		return nil
+	}
+}
+
+// WithBindSources restricts the sources of bind mounts to the given directories and what is
+// below them (after resolving symlinks). Without it any source is accepted except the protected
+// ones: the bundle root, the runsc state root, /run/netns, /proc, /sys, /dev, whatever is inside
+// them and whatever contains them (so "/" too). The protected directories stay refused whatever
+// the prefixes.
+func WithBindSources(prefixes ...string) Option {
+	return func(o *options) error {
+		if len(prefixes) == 0 {
+			return fmt.Errorf("WithBindSources: no prefixes")
+		}
+		for _, p := range prefixes {
+			if !filepath.IsAbs(p) || filepath.Clean(p) != p {
+				return fmt.Errorf("WithBindSources: %q is not an absolute, clean path", p)
+			}
+		}
+		o.bindSources = append(o.bindSources, prefixes...)
+		return nil
+	}
+}
+
+// DefaultResources are the limits a cell gets for what its document leaves unset: each field
+// applies on its own (a document that sets only memoryBytes still gets the default CPU limit). A
+// zero field sets no default.
+type DefaultResources struct {
+	MemoryBytes int64         // memory limit (at least 32 MiB)
+	CPUMillis   int64         // CPU limit, 1000 = one core
+	TTL         time.Duration // lifetime; rounded up to whole seconds
+}
+
+// DefaultLimits are the defaults without WithDefaultResources: 1 GiB of memory, one CPU, no
+// lifetime limit.
+var DefaultLimits = DefaultResources{MemoryBytes: 1 << 30, CPUMillis: 1000}
+
+// WithDefaultResources sets the limits of cells whose documents declare none (see
+// DefaultResources; default DefaultLimits). WithDefaultResources(DefaultResources{}) lets cells
+// without limits run unbounded. Limits chosen here are enforced or refused like a document's:
+// on a host without cgroups (not root), Create refuses cells they apply to. The library's own
+// defaults are not applied where cgroups are unavailable (a warning is logged once, at New).
+func WithDefaultResources(d DefaultResources) Option {
+	return func(o *options) error {
+		if d.MemoryBytes < 0 || d.CPUMillis < 0 || d.TTL < 0 {
+			return fmt.Errorf("WithDefaultResources: negative limits %+v", d)
+		}
+		if d.MemoryBytes > 0 && d.MemoryBytes < cellos.MinMemoryBytes {
+			return fmt.Errorf("WithDefaultResources: memory %d is below the minimum of %d bytes", d.MemoryBytes, cellos.MinMemoryBytes)
+		}
+		o.defaults, o.defaultsSet = d, true
+		return nil
+	}
+}
+
+// WithMinFreeSpace sets the free space Create requires on the bundle root's filesystem (default
+// DefaultMinFreeSpace); below it Create fails with ErrHost. The floor keeps one cell's output
+// from leaving no room for the rest of the root; each cell's exit record has its space reserved
+// at Create besides.
+func WithMinFreeSpace(bytes int64) Option {
+	return func(o *options) error {
+		if bytes < 0 {
+			return fmt.Errorf("WithMinFreeSpace: %d is negative", bytes)
+		}
+		o.minFree = bytes
+		return nil
+	}
+}
+
+// WithUnconfinedControlSockets lets a Backend that does not run as root start cells with a runsc
+// whose sandboxes serve their control RPC on abstract Unix sockets (Debian's 2022 runsc), which
+// every local user of the host's network namespace can reach: exec into the cell, signal it. As
+// root the library confines those sockets to a network namespace of each cell's own; without
+// root it cannot, and refuses such cells unless the operator accepts the exposure with this
+// option (a host where no other user runs processes).
+func WithUnconfinedControlSockets(accept bool) Option {
+	return func(o *options) error {
+		o.sharedSocket = accept
 		return nil
 	}
 }

@@ -156,10 +156,10 @@ func (b *Backend) adopt(c *cell) bool {
 		return false
 	}
 	c.pid = pid
-	if b.cg != nil && configUsesCgroups(c) {
-		cgPath := cgroups.Path(id)
+	if b.cg != nil && len(b.cg.Dirs(c.paths.runscID)) > 0 {
+		cgPath := cgroups.Path(c.paths.runscID)
 		c.handle.CgroupPath = &cgPath
-		c.memory = b.cg.MemoryDir(id)
+		c.memory = b.cg.MemoryDir(c.paths.runscID)
 	}
 	c.handle.CellID = id
 	b.adoptNetwork(c)

@@ -25,7 +25,8 @@ type cell struct {
 	follower *follow.Follower
 	memory   string // the memory cgroup directory, "" without limits
 
-	net *cellNet // the cell's own network when it has egress rules (network.go); nil without
+	net     *cellNet       // the cell's own network when it has egress rules (network.go); nil without
+	sources map[int]string // its bind mounts' resolved sources (checkPolicy)
 	// ----
 	created bool // Create succeeded (or Recover adopted it); false for placeholders
 

@@ -20,6 +20,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
 // Parent is the directory under each hierarchy's root that holds every cell's cgroup.
@@ -327,15 +331,35 @@ func removeTree(dir string, timeout time.Duration) error {
 	}
 }
 
-// killProcs SIGKILLs the processes left in a cgroup so it can be removed.
+// killProcs SIGKILLs the processes left in a cgroup so it can be removed. Each is signalled
+// through a pidfd opened after its pid was read and checked to be in the cgroup still, so a pid
+// reused by another process meanwhile is never signalled.
 func killProcs(dir string) {
 	data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
 	if err != nil {
 		return
 	}
 	for _, f := range strings.Fields(string(data)) {
-		if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
+		pid, err := strconv.Atoi(f)
+		if err != nil || pid <= 1 {
+			continue
 		}
+		h, err := proc.Open(pid)
+		if err != nil {
+			continue
+		}
+		if inCgroup(pid, dir) {
+			_ = h.Signal(unix.SIGKILL)
+		}
+		_ = h.Close()
 	}
+}
+
+// inCgroup reports whether the process pid is a member of the cgroup directory dir.
+func inCgroup(pid int, dir string) bool {
+	data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return false
+	}
+	return slices.Contains(strings.Fields(string(data)), strconv.Itoa(pid))
 }

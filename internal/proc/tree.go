@@ -45,9 +45,11 @@ func Descendants(pid int) []int {
 
 // Stat is what the library reads of /proc/<pid>/stat.
 type Stat struct {
-	State byte   // R, S, D, Z, X, ...
-	Start uint64 // start time in clock ticks since boot: with the pid, it names one process
-	Ticks uint64 // CPU time in clock ticks: user and system, its own and its reaped children's
+	State   byte   // R, S, D, Z, X, ...
+	PPid    int    // parent
+	Session int    // session id: the pid of the session leader
+	Start   uint64 // start time in clock ticks since boot: with the pid, it names one process
+	Ticks   uint64 // CPU time in clock ticks: user and system, its own and its reaped children's
 }
 
 // ReadStat parses /proc/<pid>/stat.
@@ -70,6 +72,12 @@ func parseStat(data []byte) (Stat, error) {
 		return Stat{}, fmt.Errorf("malformed stat line")
 	}
 	st := Stat{State: fields[0][0]}
+	ppid, err1 := strconv.Atoi(fields[1])    // ppid (field 4)
+	session, err2 := strconv.Atoi(fields[3]) // session (field 6)
+	if err1 != nil || err2 != nil {
+		return Stat{}, fmt.Errorf("malformed stat line")
+	}
+	st.PPid, st.Session = ppid, session
 	for _, f := range fields[11:15] { // utime, stime, cutime, cstime (fields 14-17)
 		n, err := strconv.ParseUint(f, 10, 64)
 		if err != nil {
