@@ -706,7 +706,7 @@ func (b *Backend) teardown(c *cell) error {
 		}
 	}
 	b.releaseStateRoot(c.runsc) // current runsc's pinned null-netns, once no container is left
-	if b.cg != nil { // the cell's own: the path is its runsc id, unique to this bundle root
+	if b.cg != nil {            // the cell's own: the path is its runsc id, unique to this bundle root
 		if left, err := b.cg.Remove(p.runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}
