@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,10 +15,13 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
+	"github.com/cellos/cellos-host-gvisor/internal/ctlns"
 	"github.com/cellos/cellos-host-gvisor/internal/follow"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
@@ -79,6 +83,26 @@ type location struct {
 	runscErr error // why runsc cannot be used; management of leftovers goes on without it
 }
 
+// DefaultBundleRoot is the bundle root without WithBundleRoot or CELLOS_GVISOR_BUNDLE_ROOT:
+// $TMPDIR/cellos-gvisor when TMPDIR is set; otherwise a directory other users cannot write
+// to: /run/cellos-gvisor for root, $XDG_RUNTIME_DIR/cellos-gvisor for a user who has one;
+// /tmp/cellos-gvisor only when there is neither (the library then creates it, or refuses it
+// when someone else did).
+func DefaultBundleRoot() string {
+	const name = "cellos-gvisor"
+	if tmp := os.Getenv("TMPDIR"); tmp != "" {
+		return filepath.Join(tmp, name)
+	}
+	if os.Geteuid() == 0 {
+		if fi, err := os.Stat("/run"); err == nil && fi.IsDir() {
+			return filepath.Join("/run", name)
+		}
+	} else if xdg := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(xdg) {
+		return filepath.Join(xdg, name)
+	}
+	return filepath.Join("/tmp", name)
+}
+
 // locate resolves the environment overrides and the options.
 func (b *Backend) locate() location {
 	root := os.Getenv(EnvBundleRoot)
@@ -86,7 +110,7 @@ func (b *Backend) locate() location {
 		root = b.opts.bundleRoot
 	}
 	if root == "" {
-		root = filepath.Join(os.TempDir(), "cellos-gvisor")
+		root = DefaultBundleRoot()
 	}
 	if abs, err := filepath.Abs(root); err == nil {
 		root = abs
@@ -114,18 +138,41 @@ func (b *Backend) locate() location {
 	return loc
 }
 
+// newCell is what the Backend knows of cell id before anything of it is opened: its paths, its
+// runsc id and its runsc (with the control namespace it gets inside its bundle).
 func (b *Backend) newCell(id string, loc location) *cell {
-	bundle, runscID := filepath.Join(loc.root, id), RunscID(loc.root, id)
-	if pooled, ok := pooledRunscID(bundle); ok { // a cell in a warm-pool sandbox has the sandbox's id (pool.go)
-		runscID = pooled
+	bundle := filepath.Join(loc.root, id)
+	r := *loc.runsc
+	if b.root {
+		r.NetNS = filepath.Join(bundle, fileControlNetns)
 	}
 	return &cell{
 		id:     id,
-		paths:  cellPaths{root: loc.root, bundle: bundle, runscID: runscID},
-		runsc:  loc.runsc,
+		paths:  cellPaths{root: loc.root, bundle: bundle, runscID: RunscID(loc.root, id)},
+		runsc:  &r,
 		ready:  make(chan struct{}),
 		exited: make(chan struct{}),
 	}
+}
+
+// openBundle opens the existing bundle of c (an untracked cell: Destroy, Recover, Attach) under
+// the ownership rule and completes what the Backend knows of it from the directory itself: the
+// runsc id of a cell in a warm-pool sandbox (derived from the directory, never read from a file)
+// and whether its control namespace exists.
+func (b *Backend) openBundle(c *cell, root *owned.Dir) (*owned.Dir, error) {
+	dir, err := root.OpenDir(c.id)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := dir.Lstat(fileSandboxConfig); err == nil {
+		dev, ino := dir.Ident()
+		c.paths.runscID = poolRunscID(c.paths.root, dev, ino)
+	}
+	if _, err := dir.Lstat(fileControlNetns); err != nil {
+		c.runsc.NetNS = "" // none was made (or it is gone): runsc's state is reached from here
+	}
+	c.dir = dir
+	return dir, nil
 }
 
 // Create validates doc, writes the cell's bundle, starts runsc under a shim and returns. ctx
@@ -222,7 +269,7 @@ func (b *Backend) checkHost(s *cellos.CellSpec) error {
 	if s.WantsCgroups() && (b.cg == nil || !b.root) {
 		host = true
 		errs = append(errs, cellos.FieldError{Field: "spec.resources",
-			Reason: "memory and CPU limits need cgroups, which need root and a mounted cgroup hierarchy"})
+			Reason: "memory and CPU limits need cgroups, which need root and a mounted cgroup hierarchy (limits the operator set as defaults count too: WithDefaultResources)"})
 	}
 	if len(errs) == 0 {
 		return nil
@@ -242,11 +289,59 @@ func statReason(err error) string {
 	return err.Error()
 }
 
+// openRoots opens the bundle root and the runsc state root under the ownership rule, creating
+// them when they do not exist. The state root is only checked: runsc opens it by path.
+func openRoots(loc location) (*owned.Dir, error) {
+	root, err := owned.Ensure(loc.root, 0o711)
+	if err != nil {
+		return nil, fmt.Errorf("bundle root: %w", err)
+	}
+	state, err := owned.Ensure(loc.runsc.Root, 0o700)
+	if err != nil {
+		_ = root.Close()
+		return nil, fmt.Errorf("runsc state root: %w", err)
+	}
+	_ = state.Close()
+	return root, nil
+}
+
+// openExistingRoot opens the bundle root for an operation that only looks at what is there: nil
+// without error when it does not exist; an error when it exists but breaks the ownership rule.
+func openExistingRoot(loc location) (*owned.Dir, error) {
+	root, err := owned.Open(loc.root)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("bundle root: %w", err)
+	}
+	if err := owned.Check(loc.runsc.Root); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		_ = root.Close()
+		return nil, fmt.Errorf("runsc state root: %w", err)
+	}
+	return root, nil
+}
+
+// bundleMarker is the first file of every bundle: what tells Recover that a directory of the
+// bundle root is the library's.
+type bundleMarker struct {
+	Protocol int    `json:"protocol"`
+	CellID   string `json:"cellId"`
+}
+
 // create does the work of Create once the id is claimed.
 func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, image string) (err error) {
 	s, p := &doc.Spec, c.paths
 	fail := func(kind error, format string, args ...any) error {
 		return cellos.Errorf("create", s.ID, kind, format, args...)
+	}
+	root, err := openRoots(location{root: p.root, runsc: c.runsc})
+	if err != nil {
+		return fail(cellos.ErrHost, "%w", err)
+	}
+	defer root.Close()
+	if err := b.checkFreeSpace(p.root); err != nil {
+		return fail(cellos.ErrHost, "%w", err)
 	}
 	if files := c.runsc.stateFiles(p.runscID); len(files) > 0 {
 		return fail(cellos.ErrAlreadyExists, "runsc still holds state of an earlier cell with this id (%s); Destroy or Recover removes it", files[0])
@@ -257,29 +352,22 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 			return fail(cellos.ErrAlreadyExists, "cgroup %s exists; Destroy or Recover removes it", dirs[0])
 		}
 	}
-	if err := b.checkFreeSpace(p.root); err != nil {
-		return fail(cellos.ErrHost, "%w", err)
-	}
-	if err := os.MkdirAll(p.root, 0o711); err != nil {
-		return fail(cellos.ErrHost, "bundle root: %w", err)
-	}
-	if err := os.MkdirAll(c.runsc.Root, 0o700); err != nil {
-		return fail(cellos.ErrHost, "runsc state root: %w", err)
-	}
-	if err := os.Mkdir(p.bundle, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
+	dir, err := root.Mkdir(s.ID, 0o700)
+	if err != nil {
+		if errors.Is(err, fs.ErrExist) {
 			return fail(cellos.ErrAlreadyExists, "%s exists; Destroy or Recover removes it", p.bundle)
 		}
 		return fail(cellos.ErrHost, "bundle directory: %w", err)
 	}
+	c.dir = dir
 	defer func() {
 		if err != nil {
-			if cerr := b.undoCreate(c, wantsCg); cerr != nil {
+			if cerr := b.undoCreate(c, root, wantsCg); cerr != nil {
 				b.log.Error("cleaning up after a failed create", zap.String("cell", s.ID), zap.Error(cerr))
 			}
 		}
 	}()
-	if err := b.writeBundle(c, doc, wantsCg); err != nil {
+	if err := b.writeBundle(c, dir, doc, wantsCg); err != nil {
 		return fail(cellos.ErrHost, "writing the bundle: %w", err)
 	}
 	if wantsCg {
@@ -289,6 +377,9 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 		c.memory = b.cg.MemoryDir(p.runscID)
 		cgPath := cgroups.Path(p.runscID)
 		c.handle.CgroupPath = &cgPath
+	}
+	if err := b.makeControlNetns(c, dir); err != nil {
+		return fail(cellos.ErrHost, "%w", err)
 	}
 	if c.net != nil {
 		if err := b.setupNetwork(ctx, c); err != nil {
@@ -304,10 +395,7 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 	}
 	cfg := shimConfig{CellID: s.ID, RunscID: p.runscID, Runsc: *c.runsc, Flags: flags,
 		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, MemoryCgroup: c.memory, RestoreImage: image}
-	if err := writeJSONAtomic(filepath.Join(p.bundle, fileShim), cfg); err != nil {
-		return fail(cellos.ErrHost, "writing the shim config: %w", err)
-	}
-	if err := b.startShim(ctx, c); err != nil {
+	if err := b.startShim(ctx, c, dir, cfg); err != nil {
 		return err
 	}
 	c.handle.CellID = s.ID
@@ -315,18 +403,37 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 	return nil
 }
 
-// writeBundle writes config.json, the root and the empty output files.
-func (b *Backend) writeBundle(c *cell, doc *cellos.ExecutionCellDocument, wantsCg bool) error {
-	s, bundle := &doc.Spec, c.paths.bundle
-	rootfs := filepath.Join(bundle, dirRootfs)
-	if err := os.Mkdir(rootfs, 0o755); err != nil {
+// makeControlNetns pins the cell's control network namespace in its bundle (see runsc.NetNS).
+func (b *Backend) makeControlNetns(c *cell, dir *owned.Dir) error {
+	if c.runsc.NetNS == "" {
+		return nil
+	}
+	if err := dir.Verify(); err != nil {
 		return err
 	}
+	if err := ctlns.Create(c.runsc.NetNS); err != nil {
+		return fmt.Errorf("the cell's control network namespace: %w", err)
+	}
+	return nil
+}
+
+// writeBundle writes the marker, config.json, the root, the empty output files and the space
+// of the exit record.
+func (b *Backend) writeBundle(c *cell, dir *owned.Dir, doc *cellos.ExecutionCellDocument, wantsCg bool) error {
+	s := &doc.Spec
+	if err := writeRecord(dir, fileMarker, bundleMarker{Protocol: shimProtocol, CellID: s.ID}); err != nil {
+		return err
+	}
+	rootfs, err := dir.Mkdir(dirRootfs, 0o755)
+	if err != nil {
+		return err
+	}
+	defer rootfs.Close()
 	if s.Rootfs == nil {
 		if err := writeRootfs(rootfs, s, b.host); err != nil {
 			return err
 		}
-	} else if err := mountImage(bundle, s.Rootfs.Path); err != nil {
+	} else if err := mountImage(dir, s.Rootfs.Path); err != nil {
 		return err
 	}
 	in := SpecInputs{HostSystem: b.host, NetNSPath: c.net.nsPath(), Sources: c.sources}
@@ -337,40 +444,54 @@ func (b *Backend) writeBundle(c *cell, doc *cellos.ExecutionCellDocument, wantsC
 	if err != nil {
 		return err
 	}
-	if err := writeExclusive(filepath.Join(bundle, fileConfig), data, 0o644); err != nil {
+	if err := dir.WriteFile(fileConfig, data, 0o644); err != nil {
 		return err
 	}
+	return writeBundleFiles(dir)
+}
+
+// writeBundleFiles makes the files every bundle has from the start: the empty logs and the exit
+// record's reserved space.
+func writeBundleFiles(dir *owned.Dir) error {
 	for _, name := range []string{fileStdout, fileStderr, fileRunscLog, fileShimLog} {
-		if err := writeExclusive(filepath.Join(bundle, name), nil, 0o640); err != nil {
+		if err := dir.WriteFile(name, nil, 0o640); err != nil {
 			return err
 		}
 	}
-	return nil
+	return reserveExit(dir)
 }
 
-func writeExclusive(path string, data []byte, perm os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, perm)
-	if err != nil {
-		return err
+// startShim hands the cell to a shim — the spare, or one started now — and waits until it has
+// started runsc (or failed to).
+func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg shimConfig) error {
+	id := c.id
+	if err := writeRecord(dir, fileShim, cfg); err != nil { // for operators; never read back
+		return cellos.Errorf("create", id, cellos.ErrHost, "writing the shim record: %w", err)
 	}
-	_, err = f.Write(data)
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	if err := dir.Verify(); err != nil {
+		return cellos.NewError("create", id, cellos.ErrHost, err)
 	}
-	return err
-}
-
-// startShim starts the shim and waits until it has started runsc (or failed to).
-func (b *Backend) startShim(ctx context.Context, c *cell) error {
-	id, bundle := c.id, c.paths.bundle
+	dev, ino := dir.Ident()
+	req := shimRequest{Protocol: shimProtocol, Bundle: dir.Path(), Dev: dev, Ino: ino, Config: cfg}
 	for {
-		cmd, readyR, spare, err := b.shimProcess(bundle)
+		s, spare, err := b.shimProcess()
 		if err != nil {
 			return cellos.Errorf("create", id, cellos.ErrHost, "starting the shim: %w", err)
 		}
-		c.shim = cmd
-		msg, err := awaitReady(ctx, readyR)
-		_ = readyR.Close()
+		c.shim, c.pid = s.cmd, s.ident
+		err = s.send(req)
+		_ = s.requests.Close()
+		if err != nil {
+			_ = s.answers.Close()
+			_ = s.cmd.Wait()
+			c.shim, c.pid = nil, pidRecord{}
+			if spare {
+				continue // it was gone (killed from outside) before it read anything
+			}
+			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before it read its request: %w", err)
+		}
+		msg, err := awaitReady(ctx, s.answers)
+		_ = s.answers.Close()
 		if err != nil {
 			return cellos.NewError("create", id, cellos.ErrHost, fmt.Errorf("waiting for runsc to start: %w", err))
 		}
@@ -378,20 +499,21 @@ func (b *Backend) startShim(ctx context.Context, c *cell) error {
 		case msg == "ok":
 		case strings.HasPrefix(msg, "error: "):
 			return cellos.Errorf("create", id, cellos.ErrHost, "%s", strings.TrimPrefix(msg, "error: "))
-		case spare && !exists(filepath.Join(bundle, fileShimPid)):
-			// The spare died (killed from outside) before it did anything for the cell.
-			_ = cmd.Wait()
-			c.shim = nil
-			continue
 		default:
-			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(filepath.Join(bundle, fileShimLog)))
-		}
-		if err := readJSON(filepath.Join(bundle, fileShimPid), &c.pid); err != nil {
-			return cellos.NewError("create", id, cellos.ErrHost, err)
+			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(dir, fileShimLog))
 		}
 		time.AfterFunc(spareDelay, b.refillSpare) // unless the cell exits sooner (watch)
 		return nil
 	}
+}
+
+// shimProcess returns the spare shim, or a shim started now; spare tells which.
+func (b *Backend) shimProcess() (s *shimProc, spare bool, err error) {
+	if s := b.spares.take(); s != nil {
+		return s, true, nil
+	}
+	s, err = startShimProc(shimArgv0)
+	return s, false, err
 }
 
 // awaitReady reads the shim's one-line answer: "ok" once runsc runs, "error: ..." or nothing
@@ -409,65 +531,6 @@ func awaitReady(ctx context.Context, r *os.File) (string, error) {
 		_ = r.Close()
 		return "", ctx.Err()
 	}
-}
-
-// shimProcess starts the shim of bundle — or hands bundle to the spare shim (spare.go) — and
-// returns it with the read end of its readiness pipe; spare tells which.
-func (b *Backend) shimProcess(bundle string) (cmd *exec.Cmd, ready *os.File, spare bool, err error) {
-	if s := b.spares.take(); s != nil {
-		if err := s.claim(bundle); err == nil {
-			return s.cmd, s.ready, true, nil
-		}
-		// It is gone (killed from outside): start one.
-	}
-	readyR, readyW, err := os.Pipe()
-	if err != nil {
-		return nil, nil, false, err
-	}
-	logf, err := os.OpenFile(filepath.Join(bundle, fileShimLog), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		_ = readyR.Close()
-		_ = readyW.Close()
-		return nil, nil, false, err
-	}
-	cmd = selfCommand([]string{shimArgv0, bundle}, bundle, logf, readyW)
-	err = cmd.Start()
-	_ = readyW.Close()
-	_ = logf.Close()
-	if err != nil {
-		_ = readyR.Close()
-		return nil, nil, false, err
-	}
-	return cmd, readyR, false, nil
-}
-
-// selfCommand is this binary re-executed as argv[0] — a shim or a pool keeper, recognised by the
-// package's init — in a session of its own, with the shim environment; extra become fds 3, 4, ...
-// stderr may be nil (/dev/null).
-func selfCommand(argv []string, dir string, stderr *os.File, extra ...*os.File) *exec.Cmd {
-	cmd := &exec.Cmd{
-		Path:        "/proc/self/exe",
-		Args:        argv,
-		Env:         shimEnviron(),
-		Dir:         dir,
-		ExtraFiles:  extra,
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
-	}
-	if stderr != nil {
-		cmd.Stderr = stderr
-	}
-	return cmd
-}
-
-// shimEnviron is the shim's environment: the program's, with the shim marker. A binary built with
-// -race (tests) would otherwise sleep a second before exiting; the setting is inert otherwise.
-func shimEnviron() []string {
-	env := shimChildEnv()
-	race := "atexit_sleep_ms=0"
-	if v := os.Getenv("GORACE"); v != "" {
-		race = v + " " + race
-	}
-	return append(env, "GORACE="+race, shimEnv+"=1")
 }
 
 // startWatching follows the output (WithOutput) and waits for the shim in the background.
@@ -493,7 +556,8 @@ func (b *Backend) watch(c *cell) {
 	if c.follower != nil {
 		c.follower.Stop()
 	}
-	if b.cells.isDestroying(c) {
+	if b.cells.isDestroying(c) && c.killSent.Load() && (err != nil || status.Signal == int(syscall.SIGKILL)) {
+		// Destroy's kill ended it. A cell that exited on its own first keeps its exit.
 		status, err = destroyedStatus, nil
 	}
 	c.status, c.waitErr = status, err
@@ -508,7 +572,7 @@ var destroyedStatus = cellos.ExitStatus{Code: 128 + int(syscall.SIGKILL), Signal
 
 // awaitShim blocks until the cell's shim has exited (and reaps it when it is our child).
 func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
-	if h, err := openShim(c.pid, c.paths.bundle); err == nil {
+	if h, err := openShim(c.pid, c.dir); err == nil {
 		err = h.Wait(ctx)
 		_ = h.Close()
 		if err != nil {
@@ -521,34 +585,12 @@ func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
 	return nil
 }
 
-// openShim returns a handle on the shim recorded in pid, after checking that the process is that
-// shim (same start time, same command line), or os.ErrProcessDone.
-func openShim(pid pidRecord, bundle string) (*proc.Handle, error) {
-	if pid.Pid <= 0 {
-		return nil, os.ErrProcessDone
-	}
-	h, err := proc.Open(pid.Pid)
-	if err != nil {
-		return nil, err
-	}
-	if !pid.alive() || !isShimOf(pid.Pid, bundle) {
-		_ = h.Close()
-		return nil, os.ErrProcessDone
-	}
-	return h, nil
-}
-
-func isShimOf(pid int, bundle string) bool {
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	return err == nil && (string(cmdline) == shimArgv0+"\x00"+bundle+"\x00" || isSpareShimOf(pid, cmdline, bundle) || isKeeperOf(cmdline, bundle))
-}
-
 // readExit reads the exit record the shim left.
 func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
 	var rec exitRecord
-	if err := readJSON(filepath.Join(c.paths.bundle, fileExit), &rec); err != nil {
+	if err := readRecord(c.dir, fileExit, &rec); err != nil {
 		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost,
-			"the cell's shim ended without recording an exit status (%v); shim log: %s", err, tail(filepath.Join(c.paths.bundle, fileShimLog)))
+			"the cell's shim ended without recording an exit status (%v); shim log: %s", err, tail(c.dir, fileShimLog))
 	}
 	for name, st := range map[string]streamRecord{"stdout": rec.Stdout, "stderr": rec.Stderr} {
 		if st.Truncated {
@@ -568,16 +610,22 @@ func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
 	return rec.Status, nil
 }
 
-// tail returns the last lines of a small log file, for error messages.
-func tail(path string) string {
-	data, err := os.ReadFile(path)
+// tail returns the end of a small log file of the bundle, for error messages.
+func tail(dir *owned.Dir, name string) string {
+	if dir == nil {
+		return "(no bundle)"
+	}
+	f, err := dir.OpenFile(name, os.O_RDONLY, 0)
 	if err != nil {
 		return "(unreadable: " + err.Error() + ")"
 	}
-	s := strings.TrimSpace(string(data))
-	if len(s) > 2000 {
-		s = "..." + s[len(s)-2000:]
+	defer f.Close()
+	const keep = 2000
+	if fi, err := f.Stat(); err == nil && fi.Size() > keep {
+		_, _ = f.Seek(fi.Size()-keep, io.SeekStart)
 	}
+	data, _ := io.ReadAll(io.LimitReader(f, keep))
+	s := strings.TrimSpace(string(data))
 	if s == "" {
 		return "(empty)"
 	}
@@ -667,20 +715,37 @@ func (b *Backend) destroyClaimed(c *cell, done chan struct{}) (cellos.TeardownRe
 func (b *Backend) teardown(c *cell) error {
 	p := c.paths
 	var errs []error
-	fi, lerr := os.Lstat(p.bundle)
-	bundleIsDir := lerr == nil && fi.IsDir()
-
+	root, err := openExistingRoot(location{root: p.root, runsc: c.runsc})
+	if err != nil {
+		return err // nothing is touched in a root that is not the library's
+	}
+	if root != nil {
+		defer root.Close()
+	}
+	dir := c.dir
+	bundleIsDir := false
+	if root != nil {
+		if st, err := root.Lstat(c.id); err == nil {
+			bundleIsDir = st.Mode&unix.S_IFMT == unix.S_IFDIR
+		}
+	}
 	pid := c.pid
 	if !c.created && bundleIsDir {
-		_ = readJSON(filepath.Join(p.bundle, fileShimPid), &pid)
+		if dir == nil {
+			if dir, err = b.openBundle(c, root); err != nil {
+				return fmt.Errorf("bundle %s: %w", p.bundle, err)
+			}
+		}
+		pid, _ = findShim(dir)
 	}
-	shim, _ := openShim(pid, p.bundle)
+	p = c.paths // openBundle may have found a warm-pool sandbox's runsc id
+	shim, _ := openShim(pid, dir)
 	if shim != nil {
 		defer shim.Close()
 		// SIGKILL through runsc: `runsc run` then exits and removes its container itself, in
 		// ~70 ms. A forced delete of a running container contends with runsc run's own cleanup
 		// and takes seconds; it is the fallback.
-		if err := b.stop(c, shim, pid.Pid); err != nil {
+		if err := b.stop(c, shim, pid); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -706,7 +771,7 @@ func (b *Backend) teardown(c *cell) error {
 		}
 	}
 	b.releaseStateRoot(c.runsc) // current runsc's pinned null-netns, once no container is left
-	if b.cg != nil {            // the cell's own: the path is its runsc id, unique to this bundle root
+	if b.cg != nil { // the cell's own: the path is its runsc id, unique to this bundle root
 		if left, err := b.cg.Remove(p.runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}
@@ -715,12 +780,12 @@ func (b *Backend) teardown(c *cell) error {
 		errs = append(errs, err)
 	}
 	switch {
-	case lerr != nil:
+	case root == nil:
 	case len(errs) > 0:
 		// The bundle is the record that lets a later Destroy or Recover find what is left.
 		errs = append(errs, fmt.Errorf("bundle %s kept until the rest is gone", p.bundle))
 	default:
-		if err := removeBundle(p.bundle, bundleIsDir); err != nil {
+		if err := removeBundle(root, c.id); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -728,10 +793,11 @@ func (b *Backend) teardown(c *cell) error {
 }
 
 // stop ends a running cell: SIGKILL through runsc and a wait for the shim; failing that, a forced
-// delete; failing that, SIGKILL to the shim's process group.
-func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
+// delete; failing that, SIGKILL to the shim and the processes below it.
+func (b *Backend) stop(c *cell, shim *proc.Handle, pid pidRecord) error {
+	c.killSent.Store(true)
 	if c.runsc.Path != "" {
-		resumePaused(c.runsc, c.paths.runscID, c.paths.bundle) // a paused sandbox does not take SIGKILL
+		resumePaused(c.runsc, c.paths.runscID, c.dir) // a paused sandbox does not take SIGKILL
 		// A cell created a moment ago may not have its container yet ("loading container: file
 		// does not exist"): retry until the kill lands or the shim is gone.
 		deadline := time.Now().Add(killGrace)
@@ -760,9 +826,11 @@ func (b *Backend) stop(c *cell, shim *proc.Handle, pid int) error {
 	// sandbox after its own deadline) is tried again by teardown once the shim is gone, and
 	// reported only if that fails too.
 	if deleted != nil || !waitFor(shim, shimExitGrace) {
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		if err := proc.KillTree(pid); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			errs = append(errs, fmt.Errorf("killing the shim (pid %d): %w", pid.Pid, err))
+		}
 		if !waitFor(shim, shimExitGrace) {
-			errs = append(errs, fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid))
+			errs = append(errs, fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid.Pid))
 		}
 	}
 	return errors.Join(errs...)
@@ -785,10 +853,11 @@ func (b *Backend) forceDelete(c *cell) error {
 }
 
 // undoCreate removes what a failed Create made.
-func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
+func (b *Backend) undoCreate(c *cell, root *owned.Dir, wantsCg bool) error {
 	var errs []error
 	if c.shim != nil && c.shim.Process != nil {
-		_ = syscall.Kill(-c.shim.Process.Pid, syscall.SIGKILL)
+		_ = proc.KillTree(c.pid)
+		_ = c.shim.Process.Kill() // through its pidfd
 		_ = c.shim.Wait()
 	}
 	if len(c.runsc.stateFiles(c.paths.runscID)) > 0 {
@@ -807,7 +876,7 @@ func (b *Backend) undoCreate(c *cell, wantsCg bool) error {
 			errs = append(errs, err)
 		}
 	}
-	if err := removeBundle(c.paths.bundle, true); err != nil {
+	if err := removeBundle(root, c.id); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
@@ -844,10 +913,9 @@ func (b *Backend) Config(doc *cellos.ExecutionCellDocument) ([]byte, error) {
 	if err != nil {
 		return nil, relabel(err, op)
 	}
-	root := loc.root
-	in := SpecInputs{HostSystem: b.host, NetNSPath: egressNetNS(root, s), Sources: sources}
+	in := SpecInputs{HostSystem: b.host, NetNSPath: egressNetNS(loc.root, s), Sources: sources}
 	if s.WantsCgroups() {
-		in.CgroupsPath = cgroups.Path(RunscID(root, s.ID))
+		in.CgroupsPath = cgroups.Path(RunscID(loc.root, s.ID))
 	}
 	data, err := MarshalSpec(BuildSpec(doc, in))
 	if err != nil {

@@ -3,7 +3,9 @@ package gvisor
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -16,6 +18,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 )
 
 // OCIVersion is the runtime-spec version config.json declares: every field the library writes
@@ -40,6 +43,10 @@ const (
 	fileRunscLog = "runsc.log"
 	dirRootfs    = "rootfs"
 	dirOverlay   = "overlay" // tmpfs holding the upper and work directories of an image root
+
+	fileMarker       = "cellos.json"   // bundleMarker: the first file of every bundle
+	fileExitReserve  = "exit.json.tmp" // the exit record's space, reserved at Create
+	fileControlNetns = "control.netns" // the cell's control network namespace (runsc.NetNS)
 )
 
 // HostEntry is one host system path as a cell without rootfs sees it: a directory or file
@@ -304,35 +311,53 @@ func etcFiles(s *cellos.CellSpec) map[string]string {
 
 // writeRootfs fills the root of a cell without rootfs: the host's system symlinks and a minimal
 // /etc. Everything else the cell sees is a mount.
-func writeRootfs(root string, s *cellos.CellSpec, host []HostEntry) error {
+func writeRootfs(root *owned.Dir, s *cellos.CellSpec, host []HostEntry) error {
+	if err := writeHostLinks(root, host); err != nil {
+		return err
+	}
+	etc, err := root.Mkdir("etc", 0o755)
+	if err != nil {
+		return err
+	}
+	defer etc.Close()
+	files := etcFiles(s)
+	for _, name := range slices.Sorted(maps.Keys(files)) {
+		if err := etc.WriteFile(name, []byte(files[name]), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeHostLinks recreates the host's system symlinks (Debian's /bin -> usr/bin) in root.
+func writeHostLinks(root *owned.Dir, host []HostEntry) error {
 	for _, h := range host {
 		if h.Symlink == "" {
 			continue
 		}
-		dst := filepath.Join(root, h.Path)
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return err
+		parent, name := filepath.Split(strings.TrimPrefix(h.Path, "/"))
+		d := root
+		for _, comp := range strings.Split(strings.Trim(parent, "/"), "/") {
+			if comp == "" {
+				continue
+			}
+			next, err := d.OpenDir(comp)
+			if errors.Is(err, fs.ErrNotExist) {
+				next, err = d.Mkdir(comp, 0o755)
+			}
+			if d != root {
+				_ = d.Close()
+			}
+			if err != nil {
+				return err
+			}
+			d = next
 		}
-		if err := os.Symlink(h.Symlink, dst); err != nil {
-			return err
+		err := d.Symlink(h.Symlink, name)
+		if d != root {
+			_ = d.Close()
 		}
-	}
-	etc := filepath.Join(root, "etc")
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		return err
-	}
-	for _, dir := range []string{root, etc} {
-		if err := os.Chmod(dir, 0o755); err != nil {
-			return err
-		}
-	}
-	files := etcFiles(s)
-	for _, name := range slices.Sorted(maps.Keys(files)) {
-		path := filepath.Join(etc, name)
-		if err := os.WriteFile(path, []byte(files[name]), 0o644); err != nil {
-			return err
-		}
-		if err := os.Chmod(path, 0o644); err != nil { // whatever the umask: the cell's user reads it
+		if err != nil {
 			return err
 		}
 	}

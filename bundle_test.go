@@ -549,7 +549,7 @@ func TestRootfsWrite(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			root := t.TempDir()
 			doc := parseSpec(t, `{"id": "etc-test", "run": {"argv": ["/bin/true"]`+tt.user+`}}`)
-			require.NoError(t, writeRootfs(root, &doc.Spec, goldenHost()))
+			require.NoError(t, writeRootfs(ownedDir(t, root), &doc.Spec, goldenHost()))
 
 			for _, h := range goldenHost() {
 				p := filepath.Join(root, h.Path)

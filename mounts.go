@@ -4,26 +4,33 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 )
 
 // mountImage makes <bundle>/rootfs an overlay of the image directory with an upper layer on a
 // small tmpfs of the bundle's own. runsc creates mount points inside the root it is given, even a
 // read-only one; they land in the upper layer, never in the image.
-func mountImage(bundle, image string) error {
-	ov := filepath.Join(bundle, dirOverlay)
-	if err := os.Mkdir(ov, 0o700); err != nil {
+func mountImage(dir *owned.Dir, image string) error {
+	ov, err := dir.Mkdir(dirOverlay, 0o700)
+	if err != nil {
 		return err
 	}
-	if err := unix.Mount("tmpfs", ov, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=16m,mode=0700"); err != nil {
+	defer ov.Close()
+	if err := dir.Verify(); err != nil {
+		return err
+	}
+	if err := unix.Mount("tmpfs", ov.Path(), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=16m,mode=0700"); err != nil {
 		return fmt.Errorf("mounting the overlay's tmpfs: %w", err)
 	}
-	upper, work := filepath.Join(ov, "upper"), filepath.Join(ov, "work")
+	upper, work := filepath.Join(ov.Path(), "upper"), filepath.Join(ov.Path(), "work")
 	for _, d := range []string{upper, work} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			return err
@@ -31,7 +38,7 @@ func mountImage(bundle, image string) error {
 	}
 	opts := "lowerdir=" + image + ",upperdir=" + upper + ",workdir=" + work
 	// nosuid and nodev: a setuid binary or a device node in the image means nothing on the host.
-	if err := unix.Mount("overlay", filepath.Join(bundle, dirRootfs), "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
+	if err := unix.Mount("overlay", filepath.Join(dir.Path(), dirRootfs), "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
 		return fmt.Errorf("mounting the image %s as an overlay: %w", image, err)
 	}
 	return nil
@@ -68,16 +75,25 @@ func unescapeMount(s string) string {
 	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
 }
 
-// removeBundle deletes a bundle directory after unmounting whatever is mounted inside it; it
-// refuses to delete while a mount remains, since that would delete the image behind it. An
-// entry that is not a directory (a planted symlink) is removed without being followed.
-func removeBundle(bundle string, isDir bool) error {
-	if !isDir {
-		if err := os.Remove(bundle); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
+// removeBundle deletes the bundle directory name of the bundle root after unmounting whatever
+// is mounted inside it (an image's overlay, the control namespace); it refuses to delete while a
+// mount remains, since that would delete the image behind it. An entry that is not a directory
+// is removed without being followed.
+func removeBundle(root *owned.Dir, name string) error {
+	st, err := root.Lstat(name)
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
+	if err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return root.Remove(name)
+	}
+	if err := root.Verify(); err != nil {
+		return err
+	}
+	bundle := filepath.Join(root.Path(), name)
 	mounts, err := mountsUnder(bundle)
 	if err != nil {
 		return err
@@ -90,7 +106,7 @@ func removeBundle(bundle string, isDir bool) error {
 	if left, err := mountsUnder(bundle); err != nil || len(left) > 0 {
 		return fmt.Errorf("not removing %s: still mounted inside it: %v %v", bundle, left, err)
 	}
-	if err := os.RemoveAll(bundle); err != nil {
+	if err := root.RemoveAll(name); err != nil {
 		return fmt.Errorf("removing the bundle: %w", err)
 	}
 	return nil

@@ -18,6 +18,7 @@ import (
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/netcell"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 )
 
 // Egress: a cell with `network.egress` rules gets a network of its own — a network namespace, a
@@ -255,7 +256,7 @@ func (b *Backend) setupNetwork(ctx context.Context, c *cell) error {
 	n := c.net
 	start := time.Now()
 	nc, err := netcell.Setup(ctx, n.spec, func(nc *netcell.Cell) error {
-		return writeJSONAtomic(filepath.Join(c.paths.bundle, fileNet), netRecord{Mode: n.mode, Cell: *nc})
+		return writeRecord(c.dir, fileNet, netRecord{Mode: n.mode, Cell: *nc})
 	})
 	if err != nil {
 		kind := cellos.ErrHost
@@ -287,7 +288,7 @@ func (b *Backend) releaseNetwork(c *cell, bundleIsDir bool) error {
 		return nil
 	default:
 		var rec netRecord
-		if bundleIsDir && readJSON(filepath.Join(c.paths.bundle, fileNet), &rec) == nil && rec.Name != "" {
+		if bundleIsDir && c.dir != nil && readRecord(c.dir, fileNet, &rec) == nil && rec.Name != "" {
 			name = rec.Name
 		} else if !netcell.Exists(name) {
 			return nil
@@ -305,7 +306,7 @@ func (b *Backend) releaseNetwork(c *cell, bundleIsDir bool) error {
 // adoptNetwork restores an adopted cell's network from its record (Recover, Attach).
 func (b *Backend) adoptNetwork(c *cell) {
 	var rec netRecord
-	if readJSON(filepath.Join(c.paths.bundle, fileNet), &rec) != nil || rec.Name == "" {
+	if c.dir == nil || readRecord(c.dir, fileNet, &rec) != nil || rec.Name == "" {
 		return
 	}
 	cp := rec.Cell
@@ -450,11 +451,22 @@ func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network s
 	var rnd [12]byte
 	_, _ = rand.Read(rnd[:])
 	id := runscIDPrefix + "netprobe-" + hex.EncodeToString(rnd[:])
-	bundle := filepath.Join(dir, "bundle-"+network)
-	rootfs := filepath.Join(bundle, dirRootfs)
-	if err := os.MkdirAll(rootfs, 0o755); err != nil {
+	top, err := owned.Ensure(dir, 0o700)
+	if err != nil {
 		return false, "", err
 	}
+	defer top.Close()
+	bdir, err := top.Mkdir("bundle-"+network, 0o700)
+	if err != nil {
+		return false, "", err
+	}
+	defer bdir.Close()
+	bundle := bdir.Path()
+	rootfs, err := bdir.Mkdir(dirRootfs, 0o755)
+	if err != nil {
+		return false, "", err
+	}
+	defer rootfs.Close()
 	doc := &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind,
 		Spec: cellos.CellSpec{ID: "netprobe", Run: cellos.RunSpec{Argv: []string{"/bin/true"}}}}
 	if err := writeRootfs(rootfs, &doc.Spec, host); err != nil {
@@ -462,7 +474,7 @@ func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network s
 	}
 	data, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: host, NetNSPath: ns}))
 	if err == nil {
-		err = os.WriteFile(filepath.Join(bundle, fileConfig), data, 0o644)
+		err = bdir.WriteFile(fileConfig, data, 0o644)
 	}
 	if err != nil {
 		return false, "", err
@@ -480,7 +492,7 @@ func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network s
 	var out boundedBuffer
 	out.max = 64 << 10
 	cmd.Stdout, cmd.Stderr = &out, &out
-	runErr := cmd.Run()
+	runErr := r.run(cmd)
 	// Whatever happened, leave nothing of the trial container.
 	if len(r.stateFiles(id)) > 0 {
 		dctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
@@ -499,7 +511,7 @@ func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network s
 	if !errors.As(runErr, &ee) {
 		return false, "", fmt.Errorf("running runsc %s: %w", r.Path, runErr)
 	}
-	msg := runscFailure(flags.Log)
+	msg := runscFailure(top, "runsc-"+network+".log")
 	if msg == "" {
 		msg = strings.TrimSpace(out.String())
 	}

@@ -1,10 +1,13 @@
 package gvisor
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"os"
 	"os/exec"
@@ -17,8 +20,10 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
@@ -67,25 +72,39 @@ type checkpointRecord struct {
 }
 
 // checkpointedTo returns the image directory of the checkpoint recorded in the bundle, or "".
-func checkpointedTo(bundle string) string {
+func checkpointedTo(dir *owned.Dir) string {
 	var rec checkpointRecord
-	if readJSON(filepath.Join(bundle, fileCheckpoint), &rec) != nil {
+	if dir == nil || readRecord(dir, fileCheckpoint, &rec) != nil || !filepath.IsAbs(rec.Image) {
 		return ""
 	}
-	return rec.Image
+	return filepath.Clean(rec.Image)
+}
+
+// checkpointWritten reports whether image holds a checkpoint runsc wrote: a cell that exited
+// while its checkpoint was being taken leaves none.
+func checkpointWritten(image string) bool {
+	d, err := owned.Open(image)
+	if err != nil {
+		return false
+	}
+	defer d.Close()
+	st, err := d.Lstat(checkpointImage)
+	return err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Size > 0
 }
 
 // resumePaused resumes a cell that Pause left paused (see filePaused). Destroy and the shim's
 // lifetime limit call it before they send SIGKILL.
-func resumePaused(r *runsc, runscID, bundle string) {
-	marker := filepath.Join(bundle, filePaused)
-	if _, err := os.Lstat(marker); err != nil || r.Path == "" {
+func resumePaused(r *runsc, runscID string, dir *owned.Dir) {
+	if dir == nil || r.Path == "" {
+		return
+	}
+	if _, err := dir.Lstat(filePaused); err != nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
 	defer cancel()
 	if r.Resume(ctx, runscID) == nil {
-		_ = os.Remove(marker)
+		_ = dir.Remove(filePaused)
 	}
 }
 
@@ -222,37 +241,41 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return cellos.ExitStatus{}, err
 	}
-	var cfg shimConfig
-	if err := readJSON(filepath.Join(c.paths.bundle, fileShim), &cfg); err != nil {
-		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, err)
-	}
 	var spec specs.Spec
-	if err := readJSON(filepath.Join(c.paths.bundle, fileConfig), &spec); err != nil {
+	if err := readConfig(c.dir, &spec); err != nil {
 		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	if spec.Process == nil {
 		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrHost, "the cell's config.json has no process")
 	}
-	dir, err := os.MkdirTemp(c.paths.bundle, "exec-")
+	edir, err := c.dir.MkdirTemp("exec-", 0o700)
 	if err != nil {
 		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
-	defer os.RemoveAll(dir)
-	processFile, pidFile := filepath.Join(dir, "process.json"), filepath.Join(dir, "pid")
-	if err := writeJSONAtomic(processFile, execProcess(spec.Process, run)); err != nil {
+	defer func() {
+		name := filepath.Base(edir.Path())
+		_ = edir.Close()
+		_ = c.dir.RemoveAll(name)
+	}()
+	process, err := json.Marshal(execProcess(spec.Process, run))
+	if err == nil {
+		err = edir.WriteFile("process.json", process, 0o644)
+	}
+	if err != nil {
 		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
-	flags := cfg.Flags
-	flags.Log = filepath.Join(dir, "runsc.log")
+	processFile, pidFile := filepath.Join(edir.Path(), "process.json"), filepath.Join(edir.Path(), "pid")
+	flags := c.execFlags(&spec)
+	flags.Log = filepath.Join(edir.Path(), "runsc.log")
 
 	// Not bound to ctx: killing runsc exec would leave the process running in the cell.
-	cmd := exec.Command(c.runsc.Path, c.runsc.execArgs(flags, c.paths.runscID, processFile, pidFile)...)
+	cmd := c.runsc.command(context.Background(), c.runsc.execArgs(flags, c.paths.runscID, processFile, pidFile)...)
 	cmd.Dir = c.paths.bundle
 	outCap := &capWriter{w: stdout, left: b.opts.outputCap, name: "stdout"}
 	errCap := &capWriter{w: stderr, left: b.opts.outputCap, name: "stderr"}
 	cmd.Stdout, cmd.Stderr = outCap, errCap
 	cmd.WaitDelay = execWaitDelay // a background child holding the output must not hold Exec
-	if err := cmd.Start(); err != nil {
+	if err := c.runsc.start(cmd); err != nil {
 		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrHost, "starting runsc exec: %w", err)
 	}
 	waited := make(chan struct{})
@@ -261,7 +284,7 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	select {
 	case <-waited:
 	case <-ctx.Done():
-		b.killExec(c, cmd, pidFile, waited)
+		b.killExec(c, cmd, edir, waited)
 		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrHost, "%w: the process was killed", ctx.Err())
 	}
 	ps := cmd.ProcessState
@@ -274,7 +297,7 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	}
 	code := ws.ExitStatus()
 	if code == 128 {
-		if msg := runscFailure(flags.Log); msg != "" {
+		if msg := runscFailure(edir, "runsc.log"); msg != "" {
 			return cellos.ExitStatus{}, b.failed(op, c, fmt.Errorf("runsc exec: %s", msg))
 		}
 	}
@@ -288,6 +311,34 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 		}
 	}
 	return classify(code), nil
+}
+
+// maxConfig bounds the config.json the library reads back (a document at its size limits).
+const maxConfig = 8 << 20
+
+// readConfig reads the bundle's config.json, which the library wrote: the cell's own process
+// for Exec, never an instruction to the host.
+func readConfig(dir *owned.Dir, spec *specs.Spec) error {
+	data, err := dir.ReadFile(fileConfig, maxConfig)
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	return dec.Decode(spec)
+}
+
+// execFlags are the global runsc flags of an Exec into c: the ones it was started with, as the
+// Backend knows them (its cgroups, root and network), not as a bundle file says.
+func (c *cell) execFlags(spec *specs.Spec) cellFlags {
+	f := cellFlags{IgnoreCgroups: c.handle.CgroupPath == nil, Overlay: "none", Network: c.net.runscNetwork()}
+	if spec.Root != nil && !spec.Root.Readonly && !c.isPooled() {
+		f.Overlay = "root:memory"
+	}
+	if c.runsc.noOverlay2 {
+		f.Overlay = ""
+	}
+	return f
 }
 
 // execProcess is the OCI process of an Exec: the cell's own process (user, working directory,
@@ -337,11 +388,11 @@ func mergeEnv(base []string, over map[string]string) []string {
 // killExec ends a cancelled exec: SIGKILL through runsc to the process it started inside the
 // cell and to that process's descendants, then a wait for runsc exec, which reports the death
 // and exits. If the process never started, or runsc exec hangs, runsc exec itself is killed.
-func (b *Backend) killExec(c *cell, cmd *exec.Cmd, pidFile string, waited <-chan struct{}) {
+func (b *Backend) killExec(c *cell, cmd *exec.Cmd, edir *owned.Dir, waited <-chan struct{}) {
 	deadline := time.Now().Add(killGrace)
 	pid := 0
 	for delay := time.Millisecond; pid == 0 && time.Now().Before(deadline); delay = min(2*delay, 50*time.Millisecond) {
-		if data, err := os.ReadFile(pidFile); err == nil {
+		if data, err := edir.ReadFile("pid", 64); err == nil {
 			pid, _ = strconv.Atoi(strings.TrimSpace(string(data)))
 		}
 		if pid != 0 {
@@ -460,7 +511,7 @@ func (b *Backend) Stats(ctx context.Context, cellID string) (Stats, error) {
 		st.CPUNanos, st.HostMemoryBytes = u.CPUNanos, u.MemoryBytes
 		return st, nil
 	}
-	if !c.pid.alive() {
+	if !c.pid.Alive() {
 		return Stats{}, b.failed(op, c, errors.New("the cell's shim is gone"))
 	}
 	for _, pid := range proc.Descendants(c.pid.Pid) {
@@ -488,15 +539,14 @@ func (b *Backend) Pause(ctx context.Context, cellID string) error {
 		return err
 	}
 	// The marker comes first: a crash after the pause must not leave a cell Destroy cannot kill.
-	marker := filepath.Join(c.paths.bundle, filePaused)
-	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+	if err := c.dir.WriteFile(filePaused, nil, 0o644); err != nil && !errors.Is(err, fs.ErrExist) {
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	mctx, cancel := management(ctx)
 	defer cancel()
 	if err := c.runsc.Pause(mctx, c.paths.runscID); err != nil {
 		if st, serr := c.runsc.State(mctx, c.paths.runscID); serr != nil || st.Status != "paused" {
-			_ = os.Remove(marker)
+			_ = c.dir.Remove(filePaused)
 		}
 		return b.failed(op, c, err)
 	}
@@ -513,16 +563,15 @@ func (b *Backend) Resume(ctx context.Context, cellID string) error {
 	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return err
 	}
-	marker := filepath.Join(c.paths.bundle, filePaused)
 	mctx, cancel := management(ctx)
 	defer cancel()
 	if err := c.runsc.Resume(mctx, c.paths.runscID); err != nil {
 		if st, serr := c.runsc.State(mctx, c.paths.runscID); serr == nil && st.Status != "paused" {
-			_ = os.Remove(marker)
+			_ = c.dir.Remove(filePaused)
 		}
 		return b.failed(op, c, err)
 	}
-	_ = os.Remove(marker)
+	_ = c.dir.Remove(filePaused)
 	return nil
 }
 
@@ -564,33 +613,72 @@ func (b *Backend) Checkpoint(ctx context.Context, cellID, imageDir string) error
 	if st.Status == "paused" {
 		return cellos.Errorf(op, cellID, cellos.ErrHost, "the cell is paused; Resume it first")
 	}
-	if err := os.MkdirAll(image, 0o700); err != nil {
+	imgDir, err := owned.Ensure(image, 0o700) // runsc writes into it as root: it must be ours
+	if err != nil {
 		return cellos.Errorf(op, cellID, cellos.ErrHost, "image directory: %w", err)
 	}
-	marker := filepath.Join(c.paths.bundle, fileCheckpoint)
-	if err := writeJSONAtomic(marker, checkpointRecord{Image: image, At: time.Now().UTC()}); err != nil {
+	defer imgDir.Close()
+	if err := writeRecord(c.dir, fileCheckpoint, checkpointRecord{Image: image, At: time.Now().UTC()}); err != nil {
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	start := time.Now()
 	if err := c.runsc.Checkpoint(ctx, c.paths.runscID, image); err != nil {
 		if b.hasStopped(c) {
-			return cellos.Errorf(op, cellID, cellos.ErrHost, "%w; the cell has stopped", err)
+			return b.checkpointOutcome(op, c, err)
 		}
-		_ = os.Remove(marker)
+		_ = c.dir.Remove(fileCheckpoint)
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
+	privateImage(imgDir)
 	select {
 	case <-c.exited:
 	case <-ctx.Done():
 	case <-time.After(exitPublishGrace):
 		if !b.hasStopped(c) {
 			// The record must not turn a later exit 0 of the workload into a checkpoint.
-			_ = os.Remove(marker)
+			_ = c.dir.Remove(fileCheckpoint)
 			return cellos.Errorf(op, cellID, cellos.ErrHost, "runsc saved the cell into %s but did not stop it", image)
 		}
 	}
+	if err := b.checkpointOutcome(op, c, nil); err != nil {
+		return err
+	}
 	b.log.Info("cell checkpointed", zap.String("cell", cellID), zap.String("image", image), zap.Duration("took", time.Since(start)))
 	return nil
+}
+
+// checkpointOutcome is Checkpoint's result once the cell has stopped: nil when the shim recorded
+// the checkpoint; the cell's own exit (ErrCellExited) when the workload exited first — a natural
+// exit that wins the race is reported as that exit, never as a checkpoint. runErr is runsc's
+// error, if it failed.
+func (b *Backend) checkpointOutcome(op string, c *cell, runErr error) error {
+	select {
+	case <-c.exited:
+	case <-time.After(exitPublishGrace):
+		if runErr != nil {
+			return cellos.Errorf(op, c.id, cellos.ErrHost, "%w; the cell has stopped", runErr)
+		}
+		return nil // still being recorded; WaitForExit tells
+	}
+	if errors.Is(c.waitErr, ErrCheckpointed) {
+		return nil
+	}
+	return notRunning(op, c)
+}
+
+// privateImage makes the files of a checkpoint image readable by the library's euid only: runsc
+// writes them world-readable, and they hold the cell's memory.
+func privateImage(dir *owned.Dir) {
+	names, err := dir.Entries()
+	if err != nil {
+		return
+	}
+	for _, name := range names {
+		if f, err := dir.OpenFile(name, os.O_RDONLY, 0); err == nil {
+			_ = f.Chmod(0o600)
+			_ = f.Close()
+		}
+	}
 }
 
 // Restore starts a new cell from a checkpoint image that Checkpoint wrote: the saved processes
@@ -615,8 +703,8 @@ func (b *Backend) Restore(ctx context.Context, doc *cellos.ExecutionCellDocument
 	if err != nil {
 		return cellos.CellHandle{}, cellos.NewError(op, id, cellos.ErrInvalidSpec, err)
 	}
-	if fi, err := os.Stat(filepath.Join(image, checkpointImage)); err != nil || !fi.Mode().IsRegular() {
-		return cellos.CellHandle{}, cellos.Errorf(op, id, cellos.ErrInvalidSpec, "%s holds no checkpoint (%s): %v", image, checkpointImage, err)
+	if !checkpointWritten(image) {
+		return cellos.CellHandle{}, cellos.Errorf(op, id, cellos.ErrInvalidSpec, "%s holds no checkpoint (%s) in a directory of the library's", image, checkpointImage)
 	}
 	return b.launch(ctx, op, doc, image)
 }
@@ -626,7 +714,7 @@ func (b *Backend) Restore(ctx context.Context, doc *cellos.ExecutionCellDocument
 // Pause, Resume, Checkpoint), wait for it or destroy it. It is how cellrun reaches the cells of
 // a running supervisor. Attach takes nothing over and changes nothing of the cell: its creator
 // keeps tracking it, and both see the same exit (the shim records it in the bundle). The cell is
-// operated with the runsc binary and state root it was created with (its shim.json).
+// operated with this Backend's runsc binary and state root: nothing of the bundle says which.
 //
 // A cell whose shim runs, or whose shim recorded its end, is attached; a cell this Backend
 // already tracks gives its handle. Anything else — no bundle, a bundle whose shim died without
@@ -649,15 +737,33 @@ func (b *Backend) Attach(ctx context.Context, cellID string) (cellos.CellHandle,
 		}
 		return cellos.CellHandle{}, cellos.Errorf(op, cellID, cellos.ErrNotTracked, "the cell is being created or destroyed here")
 	}
-	var cfg shimConfig
-	if err := readJSON(filepath.Join(c.paths.bundle, fileShim), &cfg); err == nil && cfg.Runsc.Path != "" && cfg.RunscID != "" {
-		r := cfg.Runsc
-		c.runsc, c.paths.runscID = &r, cfg.RunscID
-	}
-	if !b.adopt(c) {
+	notTracked := func(why error) (cellos.CellHandle, error) {
 		b.cells.release(c)
 		close(c.ready)
-		return cellos.CellHandle{}, cellos.Errorf(op, cellID, cellos.ErrNotTracked, "no live cell with this id in %s", loc.root)
+		return cellos.CellHandle{}, cellos.Errorf(op, cellID, cellos.ErrNotTracked, "no live cell with this id in %s: %w", loc.root, why)
+	}
+	root, err := openExistingRoot(loc)
+	if err != nil {
+		b.cells.release(c)
+		close(c.ready)
+		return cellos.CellHandle{}, cellos.NewError(op, cellID, cellos.ErrHost, err)
+	}
+	if root == nil {
+		return notTracked(errors.New("the bundle root does not exist"))
+	}
+	defer root.Close()
+	if _, err := b.openBundle(c, root); err != nil {
+		return notTracked(err)
+	}
+	if err := b.knowRunsc(ctx, c, loc); err != nil {
+		_ = c.dir.Close()
+		b.cells.release(c)
+		close(c.ready)
+		return cellos.CellHandle{}, relabel(err, op)
+	}
+	if !b.adopt(c, findShims()) {
+		_ = c.dir.Close()
+		return notTracked(errors.New("no shim serves it and it recorded no exit"))
 	}
 	b.log.Info("cell attached", zap.String("cell", cellID), zap.String("bundle", c.paths.bundle))
 	return c.handle, nil
@@ -681,31 +787,44 @@ type CellInfo struct {
 func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 	const op = "list"
 	loc := b.locate()
-	entries, err := os.ReadDir(loc.root)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
+	root, err := openExistingRoot(loc)
 	if err != nil {
 		return nil, cellos.NewError(op, "", cellos.ErrHost, err)
 	}
+	if root == nil {
+		return nil, nil
+	}
+	defer root.Close()
+	names, err := root.Entries()
+	if err != nil {
+		return nil, cellos.NewError(op, "", cellos.ErrHost, err)
+	}
+	shims := findShims()
 	var out []CellInfo
-	for _, en := range entries {
-		id := en.Name()
-		if !en.IsDir() || strings.HasPrefix(id, ".") || !cellos.ValidID(id) {
+	for _, id := range names {
+		if strings.HasPrefix(id, ".") || !cellos.ValidID(id) {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
 			return out, cellos.NewError(op, "", cellos.ErrHost, err)
 		}
-		bundle := filepath.Join(loc.root, id)
-		info := CellInfo{ID: id, Bundle: bundle, Status: "lost"}
+		dir, err := root.OpenDir(id)
+		if err != nil {
+			continue // not a directory of the library's
+		}
+		if !hasMarker(dir, id) {
+			_ = dir.Close()
+			continue
+		}
+		info := CellInfo{ID: id, Bundle: dir.Path(), Status: "lost"}
 		if c := b.cells.get(id); c != nil && c.created {
 			info.Tracked = true
 		}
 		var rec exitRecord
-		var pid pidRecord
+		dev, ino := dir.Ident()
+		_, running := shims[proc.FileIdent{Dev: dev, Ino: ino}]
 		switch {
-		case readJSON(filepath.Join(bundle, fileExit), &rec) == nil:
+		case readRecord(dir, fileExit, &rec) == nil:
 			switch {
 			case rec.Checkpoint != "":
 				info.Status = "checkpointed"
@@ -715,15 +834,37 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 				info.Status = "exited"
 				info.Exit = &rec.Status
 			}
-		case readJSON(filepath.Join(bundle, fileShimPid), &pid) == nil && pid.alive() && isShimOf(pid.Pid, bundle):
+		case running:
 			info.Status = "running"
-			if _, err := os.Lstat(filepath.Join(bundle, filePaused)); err == nil {
+			if _, err := dir.Lstat(filePaused); err == nil {
 				info.Status = "paused"
 			}
 		}
+		_ = dir.Close()
 		out = append(out, info)
 	}
 	return out, nil
+}
+
+// hasMarker reports whether dir carries the library's bundle marker for the cell id.
+func hasMarker(dir *owned.Dir, id string) bool {
+	var m bundleMarker
+	return readRecord(dir, fileMarker, &m) == nil && m.Protocol == shimProtocol && m.CellID == id
+}
+
+// knowRunsc completes an untracked cell's runsc from the Backend's own configuration: the
+// binary's probe (cached) gives the platform and features the Backend's Creates would use.
+func (b *Backend) knowRunsc(ctx context.Context, c *cell, loc location) error {
+	if loc.runscErr != nil {
+		return cellos.NewError("attach", c.id, cellos.ErrHost, loc.runscErr)
+	}
+	info, err := b.runtime(ctx, c.runsc.Path, "attach", c.id)
+	if err != nil {
+		return err
+	}
+	c.runsc.Platform = b.platformFlag(info)
+	c.runsc.noOverlay2 = !info.Features.Overlay2
+	return nil
 }
 
 // capWriter passes on at most left bytes to w (nil discards) and counts the rest: an exec'd

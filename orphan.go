@@ -30,7 +30,7 @@ func (b *Backend) stopOrphaned(c *cell) {
 	if err := c.runsc.Kill(ctx, c.paths.runscID, "KILL"); err != nil {
 		return
 	}
-	for delay := 5 * time.Millisecond; sandbox.alive() && ctx.Err() == nil; delay = min(2*delay, 100*time.Millisecond) {
+	for delay := 5 * time.Millisecond; sandbox.Alive() && ctx.Err() == nil; delay = min(2*delay, 100*time.Millisecond) {
 		time.Sleep(delay)
 	}
 	// A surviving `runsc run` removes the container once it has reaped the sandbox.

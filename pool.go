@@ -1,18 +1,16 @@
 package gvisor
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -26,6 +24,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
+	"github.com/cellos/cellos-host-gvisor/internal/ctlns"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
@@ -168,15 +169,28 @@ type warmPool struct {
 type warmEntry struct {
 	name, dir, runscID string
 	key                string // the runsc and bundle root it was made for (warmKey)
-	runsc              runsc
+	runsc              runsc  // with the entry's control namespace
 	flags              cellFlags
+	limits             cgroups.Limits // its cgroups' (the Backend's default limits); zero: none
 
-	keeper  *exec.Cmd
-	pid     pidRecord
-	replies *os.File // the keeper's fd 3
-	rd      *bufio.Reader
-	claims  *os.File      // the keeper's fd 4
-	exited  chan struct{} // closed once the keeper has exited and been reaped
+	d      *owned.Dir    // the entry's directory
+	keeper *shimProc     // nil until started
+	exited chan struct{} // closed once the keeper has exited and been reaped
+}
+
+// poolName is the name of a pool entry and the digits of its sandbox's runsc id: a digest of the
+// bundle root and the entry directory's device and inode. A cell's bundle is that directory,
+// moved, so the runsc id of a cell in a pool sandbox is derived from its bundle directory itself,
+// never read from a file.
+func poolName(root string, dev, ino uint64) string {
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%d", root, dev, ino))
+	return hex.EncodeToString(sum[:poolNameLen/2])
+}
+
+// poolRunscID is the runsc id of the pool sandbox whose directory (or, once claimed, bundle) is
+// the directory dev, ino of the bundle root.
+func poolRunscID(root string, dev, ino uint64) string {
+	return poolIDPrefix + poolName(root, dev, ino)
 }
 
 func newWarmPool(b *Backend, size int) *warmPool {
@@ -198,22 +212,39 @@ func warmKey(root string, r *runsc) string {
 }
 
 // warmProfile reports whether a document's sandbox is the pool's: nothing of it depends on the
-// document. The workload's user must not be the idle init's.
-func warmProfile(s *cellos.CellSpec) bool {
-	return s.Rootfs == nil && len(s.Mounts) == 0 && !s.WantsCgroups() &&
+// document, and its limits (defaults applied) are the pool sandboxes' own. The workload's user
+// must not be the idle init's.
+func warmProfile(s *cellos.CellSpec, limits cgroups.Limits) bool {
+	var r cellos.ResourceSpec
+	if s.Resources != nil {
+		r = *s.Resources
+	}
+	return s.Rootfs == nil && len(s.Mounts) == 0 &&
+		r.MemoryBytes == limits.MemoryBytes && r.CPUMillis == limits.CPUMillis &&
 		(s.Network == nil || len(s.Network.Egress) == 0) &&
 		s.Run.EffectiveUser().UID != WarmPoolIdleUID
+}
+
+// limits are the pool sandboxes' cgroup limits: the Backend's default limits, so that a cell in
+// a pool sandbox is bounded as a cold cell without declared limits is.
+func (p *warmPool) limits() cgroups.Limits {
+	d := p.b.opts.defaults
+	return cgroups.Limits{MemoryBytes: d.MemoryBytes, CPUMillis: d.CPUMillis}
 }
 
 // idleDocument is the document a pool sandbox is started from. HOME is set so that runsc does not
 // look the idle user up in /etc/passwd when the sandbox starts: the file does not exist yet (the
 // cell's is written at claim time), and gVisor would remember that it does not.
-func idleDocument() *cellos.ExecutionCellDocument {
-	return &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind, Spec: cellos.CellSpec{
+func idleDocument(limits cgroups.Limits) *cellos.ExecutionCellDocument {
+	d := &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind, Spec: cellos.CellSpec{
 		ID: WarmPoolHostname,
 		Run: cellos.RunSpec{Argv: slices.Clone(poolIdleArgv), Env: map[string]string{"HOME": "/"},
 			User: &cellos.UserSpec{UID: WarmPoolIdleUID, GID: WarmPoolIdleUID}},
 	}}
+	if limits.MemoryBytes > 0 || limits.CPUMillis > 0 {
+		d.Spec.Resources = &cellos.ResourceSpec{MemoryBytes: limits.MemoryBytes, CPUMillis: limits.CPUMillis}
+	}
+	return d
 }
 
 func (p *warmPool) poke() {
@@ -275,7 +306,7 @@ func (p *warmPool) settle() {
 	bundle, at := p.lastClaim, p.lastClaimAt
 	p.mu.Unlock()
 	for deadline := at.Add(poolSettle); bundle != "" && time.Now().Before(deadline); {
-		if exists(filepath.Join(bundle, fileExit)) || !exists(bundle) {
+		if exists(filepath.Join(bundle, fileExit)) || !exists(bundle) { // a hint only: nothing is done with either
 			return // it ended, or is gone
 		}
 		select {
@@ -407,7 +438,7 @@ func (p *warmPool) keeperExited(e *warmEntry) {
 	if i < 0 {
 		return
 	}
-	p.b.log.Warn("warm pool: an idle sandbox ended", zap.String("sandbox", e.runscID), zap.String("log", tail(filepath.Join(e.dir, fileShimLog))))
+	p.b.log.Warn("warm pool: an idle sandbox ended", zap.String("sandbox", e.runscID), zap.String("log", tail(e.d, fileShimLog)))
 	if err := p.discard(e); err != nil {
 		p.b.log.Warn("warm pool: removing an idle sandbox", zap.String("sandbox", e.runscID), zap.Error(err))
 	}
@@ -421,25 +452,31 @@ func (p *warmPool) fill(ctx context.Context) (*warmEntry, error) {
 	if loc.runscErr != nil {
 		return nil, loc.runscErr
 	}
-	idle := idleDocument()
+	limits := p.limits()
+	idle := idleDocument(limits)
 	if err := b.useRuntime(ctx, &idle.Spec, &loc); err != nil {
 		return nil, err
 	}
 	key := warmKey(loc.root, loc.runsc)
 	p.retire(key)
-	var raw [poolNameLen / 2]byte
-	if _, err := rand.Read(raw[:]); err != nil {
+	root, err := openRoots(loc)
+	if err != nil {
 		return nil, err
 	}
-	name := hex.EncodeToString(raw[:])
-	e := &warmEntry{name: name, dir: filepath.Join(loc.root, poolDirName, name), runscID: poolIDPrefix + name,
-		key: key, runsc: *loc.runsc, exited: make(chan struct{})}
-	e.flags = cellFlags{Log: filepath.Join(e.dir, fileSandboxLog), IgnoreCgroups: true, Overlay: "none"}
-	if loc.runsc.noOverlay2 {
-		e.flags.Overlay = ""
+	defer root.Close()
+	if err := b.checkFreeSpace(loc.root); err != nil {
+		return nil, err
 	}
-	p.own(e) // before the directory exists: Recover leaves it alone
-	if err := p.prepare(e, loc, idle); err != nil {
+	pdir, err := openPoolDir(root, true)
+	if err != nil {
+		return nil, err
+	}
+	defer pdir.Close()
+	e, err := p.newEntry(loc, pdir, key, limits)
+	if err != nil {
+		return nil, fmt.Errorf("making an idle sandbox's directory: %w", err)
+	}
+	if err := p.prepare(e, idle); err != nil {
 		return nil, errors.Join(fmt.Errorf("preparing an idle sandbox: %w", err), p.discard(e))
 	}
 	if err := p.startKeeper(ctx, e); err != nil {
@@ -448,127 +485,144 @@ func (p *warmPool) fill(ctx context.Context) (*warmEntry, error) {
 	return e, nil
 }
 
+// openPoolDir opens the bundle root's pool directory under the ownership rule, making it when
+// create is set; nil without error when it does not exist and create is not set.
+func openPoolDir(root *owned.Dir, create bool) (*owned.Dir, error) {
+	d, err := root.OpenDir(poolDirName)
+	if errors.Is(err, fs.ErrNotExist) {
+		if !create {
+			return nil, nil
+		}
+		d, err = root.Mkdir(poolDirName, 0o700)
+		if errors.Is(err, fs.ErrExist) {
+			d, err = root.OpenDir(poolDirName)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pool directory: %w", err)
+	}
+	return d, nil
+}
+
+// newEntry makes a pool entry's directory, named after its own device and inode (poolName): it is
+// made under a temporary name and renamed, so every entry of the pool directory with a valid name
+// is one the library made.
+func (p *warmPool) newEntry(loc location, pdir *owned.Dir, key string, limits cgroups.Limits) (*warmEntry, error) {
+	tmp, err := pdir.MkdirTemp("new-", 0o700)
+	if err != nil {
+		return nil, err
+	}
+	dev, ino := tmp.Ident()
+	tmpName := filepath.Base(tmp.Path())
+	_ = tmp.Close()
+	name := poolName(loc.root, dev, ino)
+	if err := pdir.Rename(tmpName, pdir, name); err != nil {
+		_ = pdir.RemoveAll(tmpName)
+		return nil, err
+	}
+	d, err := owned.OpenIdent(filepath.Join(pdir.Path(), name), dev, ino)
+	if err != nil {
+		_ = pdir.RemoveAll(name)
+		return nil, err
+	}
+	e := &warmEntry{name: name, dir: d.Path(), d: d, runscID: poolIDPrefix + name, key: key, runsc: *loc.runsc,
+		limits: limits, exited: make(chan struct{})}
+	if p.b.root {
+		e.runsc.NetNS = filepath.Join(e.dir, fileControlNetns)
+	}
+	e.flags = cellFlags{Log: filepath.Join(e.dir, fileSandboxLog), IgnoreCgroups: limits == (cgroups.Limits{}), Overlay: "none"}
+	if loc.runsc.noOverlay2 {
+		e.flags.Overlay = ""
+	}
+	p.own(e) // Recover leaves it alone
+	return e, nil
+}
+
 // prepare writes an idle sandbox's bundle: the root (the host's system symlinks and the parts of
-// /etc that do not depend on the cell), config.json, the keeper's config and the empty files the
-// cell will use.
-func (p *warmPool) prepare(e *warmEntry, loc location, idle *cellos.ExecutionCellDocument) error {
-	if err := os.MkdirAll(loc.root, 0o711); err != nil {
+// /etc that do not depend on the cell), config.json, the empty files the cell will use, its
+// cgroups and its control namespace.
+func (p *warmPool) prepare(e *warmEntry, idle *cellos.ExecutionCellDocument) error {
+	rootfs, err := e.d.Mkdir(dirRootfs, 0o755)
+	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(loc.runsc.Root, 0o700); err != nil {
+	defer rootfs.Close()
+	if err := writeHostLinks(rootfs, p.b.host); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(e.dir), 0o700); err != nil {
+	etc, err := rootfs.Mkdir("etc", 0o755)
+	if err != nil {
 		return err
 	}
-	if err := os.Mkdir(e.dir, 0o700); err != nil {
-		return err
-	}
-	rootfs := filepath.Join(e.dir, dirRootfs)
-	if err := os.Mkdir(rootfs, 0o755); err != nil {
-		return err
-	}
-	for _, h := range p.b.host {
-		if h.Symlink == "" {
-			continue
-		}
-		dst := filepath.Join(rootfs, h.Path)
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return err
-		}
-		if err := os.Symlink(h.Symlink, dst); err != nil {
-			return err
-		}
-	}
-	etc := filepath.Join(rootfs, "etc")
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		return err
-	}
-	for _, dir := range []string{rootfs, etc} {
-		if err := os.Chmod(dir, 0o755); err != nil { // whatever the umask
-			return err
-		}
-	}
+	defer etc.Close()
 	// passwd and group name the cell's user: they are written when a cell claims the sandbox, as
 	// new files the sandbox has never looked up.
 	files := etcFiles(&idle.Spec)
 	for _, name := range []string{"hosts", "hostname", "resolv.conf"} {
-		if err := writeReadable(filepath.Join(etc, name), files[name]); err != nil {
+		if err := etc.WriteFile(name, []byte(files[name]), 0o644); err != nil {
 			return err
 		}
 	}
-	spec := BuildSpec(idle, SpecInputs{HostSystem: p.b.host})
+	in := SpecInputs{HostSystem: p.b.host}
+	if e.limits != (cgroups.Limits{}) {
+		in.CgroupsPath = cgroups.Path(e.runscID)
+	}
+	spec := BuildSpec(idle, in)
 	spec.Annotations = map[string]string{AnnotationWarmPool: e.name}
 	data, err := MarshalSpec(spec)
 	if err != nil {
 		return err
 	}
-	if err := writeExclusive(filepath.Join(e.dir, fileConfig), data, 0o644); err != nil {
+	if err := e.d.WriteFile(fileConfig, data, 0o644); err != nil {
 		return err
 	}
-	if err := writeJSONAtomic(filepath.Join(e.dir, fileKeeper), keeperConfig{RunscID: e.runscID, Runsc: e.runsc, Flags: e.flags}); err != nil {
+	if err := writeBundleFiles(e.d); err != nil {
 		return err
 	}
-	for _, name := range []string{fileStdout, fileStderr, fileRunscLog, fileShimLog, fileSandboxLog} {
-		if err := writeExclusive(filepath.Join(e.dir, name), nil, 0o640); err != nil {
-			return err
+	if err := e.d.WriteFile(fileSandboxLog, nil, 0o640); err != nil {
+		return err
+	}
+	if e.limits != (cgroups.Limits{}) {
+		if err := p.b.cg.Create(e.runscID, e.limits); err != nil {
+			return fmt.Errorf("cgroups: %w", err)
+		}
+	}
+	if e.runsc.NetNS != "" {
+		if err := ctlns.Create(e.runsc.NetNS); err != nil {
+			return fmt.Errorf("the sandbox's control network namespace: %w", err)
 		}
 	}
 	return nil
 }
 
-// writeReadable creates a file the cell's user can read, whatever the umask.
-func writeReadable(path, content string) error {
-	if err := writeExclusive(path, []byte(content), 0o644); err != nil {
-		return err
-	}
-	return os.Chmod(path, 0o644)
-}
-
 // startKeeper starts the entry's keeper and waits until its sandbox runs.
 func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
-	repliesR, repliesW, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	claimsR, claimsW, err := os.Pipe()
-	if err != nil {
-		_ = repliesR.Close()
-		_ = repliesW.Close()
-		return err
-	}
-	logf, err := os.OpenFile(filepath.Join(e.dir, fileShimLog), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		for _, f := range []*os.File{repliesR, repliesW, claimsR, claimsW} {
-			_ = f.Close()
-		}
-		return err
-	}
-	cmd := selfCommand([]string{keeperArgv0, e.dir}, e.dir, logf, repliesW, claimsR)
-	err = cmd.Start()
-	_ = repliesW.Close()
-	_ = claimsR.Close()
-	_ = logf.Close()
-	e.replies, e.rd, e.claims = repliesR, bufio.NewReader(repliesR), claimsW
+	k, err := startShimProc(keeperArgv0)
 	if err != nil {
 		close(e.exited)
 		return fmt.Errorf("starting a pool keeper: %w", err)
 	}
-	e.keeper = cmd
+	e.keeper = k
 	go func() {
-		_ = cmd.Wait()
+		_ = k.cmd.Wait()
 		close(e.exited)
 		p.keeperExited(e)
 	}()
+	dev, ino := e.d.Ident()
+	r := e.runsc
+	if r.NetNS != "" {
+		r.NetNS = fileControlNetns // the keeper works in its directory, wherever it is moved
+	}
+	req := keeperRequest{Protocol: shimProtocol, Dir: e.dir, Dev: dev, Ino: ino, RunscID: e.runscID, Runsc: r, Flags: e.flags}
+	if err := k.send(req); err != nil {
+		return fmt.Errorf("starting a pool keeper: %w", err)
+	}
 	line, err := e.reply(ctx, poolStartTimeout)
 	if err != nil {
-		return fmt.Errorf("waiting for an idle sandbox to start: %w; keeper log: %s", err, tail(filepath.Join(e.dir, fileShimLog)))
+		return fmt.Errorf("waiting for an idle sandbox to start: %w; keeper log: %s", err, tail(e.d, fileShimLog))
 	}
 	if line != "ok" {
 		return fmt.Errorf("%s", strings.TrimPrefix(line, "error: "))
-	}
-	if err := readJSON(filepath.Join(e.dir, fileKeeperPid), &e.pid); err != nil {
-		return err
 	}
 	return nil
 }
@@ -577,15 +631,16 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 func (e *warmEntry) reply(ctx context.Context, timeout time.Duration) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if err := e.replies.SetReadDeadline(time.Time{}); err != nil {
+	f := e.keeper.answers
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
 		return "", err
 	}
 	fired := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
-		_ = e.replies.SetReadDeadline(time.Unix(1, 0))
+		_ = f.SetReadDeadline(time.Unix(1, 0))
 		close(fired)
 	})
-	line, err := e.rd.ReadString('\n')
+	line, err := e.keeper.rd.ReadString('\n')
 	if !stop() {
 		<-fired
 	}
@@ -601,39 +656,60 @@ func (e *warmEntry) reply(ctx context.Context, timeout time.Duration) (string, e
 	return strings.TrimSpace(line), nil
 }
 
-// discard removes an entry that is not a cell's: its keeper deletes its sandbox when its claims
-// pipe closes; a keeper that does not is killed and the sandbox force-deleted. Then the directory
-// goes.
+// discard removes an entry that is not a cell's: its keeper deletes its sandbox when its request
+// pipe closes; a keeper that does not is killed and the sandbox force-deleted. Then its cgroups
+// and, once runsc holds nothing of it, the directory go.
 func (p *warmPool) discard(e *warmEntry) error {
 	var errs []error
-	if e.claims != nil {
-		_ = e.claims.Close()
-	}
-	if e.keeper != nil {
+	if k := e.keeper; k != nil {
+		_ = k.requests.Close()
 		select {
 		case <-e.exited:
 		case <-time.After(keeperStopTimeout):
-			_ = e.keeper.Process.Kill() // through its pidfd: never another process
+			_ = k.cmd.Process.Kill() // through its pidfd: never another process
 			select {
 			case <-e.exited:
 			case <-time.After(shimExitGrace):
-				errs = append(errs, fmt.Errorf("the pool keeper (pid %d) did not exit", e.keeper.Process.Pid))
+				errs = append(errs, fmt.Errorf("the pool keeper (pid %d) did not exit", k.cmd.Process.Pid))
 			}
 		}
-	}
-	if e.replies != nil {
-		_ = e.replies.Close()
+		_ = k.answers.Close()
 	}
 	if err := removeSandbox(&e.runsc, e.runscID); err != nil {
 		errs = append(errs, err)
 	}
-	if fi, err := os.Lstat(e.dir); err == nil {
-		if err := removeBundle(e.dir, fi.IsDir()); err != nil {
+	if e.limits != (cgroups.Limits{}) && p.b.cg != nil {
+		if _, err := p.b.cg.Remove(e.runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	if len(errs) == 0 {
+		if err := removeEntry(e.d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	_ = e.d.Close()
 	p.disown(e.name) // what is left is Recover's
 	return errors.Join(errs...)
+}
+
+// removeEntry removes a pool entry's directory, wherever it is now (d is open on it).
+func removeEntry(d *owned.Dir) error {
+	parent, err := owned.Open(filepath.Dir(d.Path()))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	defer parent.Close()
+	if err := d.Verify(); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	return removeBundle(parent, filepath.Base(d.Path()))
 }
 
 // removeSandbox force-deletes a pool sandbox runsc still holds state of.
@@ -643,6 +719,11 @@ func removeSandbox(r *runsc, id string) error {
 		return nil
 	}
 	locksOnly := !slices.ContainsFunc(files, func(f string) bool { return !strings.HasSuffix(f, ".lock") })
+	if r.NetNS != "" && !exists(r.NetNS) {
+		cp := *r // its control namespace was never made: no sandbox of it can run
+		cp.NetNS = ""
+		r = &cp
+	}
 	var errs []error
 	if r.Path != "" && !locksOnly { // lone locks: nothing for runsc to delete
 		ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
@@ -691,7 +772,7 @@ func (b *Backend) Close(ctx context.Context) error {
 	errs := make([]error, len(idle))
 	var wg sync.WaitGroup
 	for _, e := range idle {
-		_ = e.claims.Close() // every keeper deletes its sandbox at once
+		_ = e.keeper.requests.Close() // every keeper deletes its sandbox at once
 	}
 	for i, e := range idle {
 		wg.Add(1)
@@ -736,7 +817,7 @@ func (b *Backend) Close(ctx context.Context) error {
 func (b *Backend) createFromPool(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, image string) (pooled bool, err error) {
 	p := b.pool
 	s := &doc.Spec
-	if p == nil || image != "" || c.net != nil || !warmProfile(s) {
+	if p == nil || image != "" || c.net != nil || !warmProfile(s, p.limits()) {
 		return false, nil
 	}
 	// What the cold path refuses, it reports: no pool sandbox is spent on it.
@@ -777,43 +858,83 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 	fail := func(kind error, format string, args ...any) error {
 		return cellos.Errorf("create", s.ID, kind, format, args...)
 	}
-	if err := b.writePooledCell(c, doc, e); err != nil {
+	root, err := openRoots(location{root: c.paths.root, runsc: c.runsc})
+	if err != nil {
+		go p.discardLogged(e)
+		return true, fail(cellos.ErrHost, "%w", err)
+	}
+	defer root.Close()
+	pdir, err := openPoolDir(root, false)
+	if err == nil && pdir == nil {
+		err = errors.New("the pool directory is gone")
+	}
+	if err != nil {
+		go p.discardLogged(e)
+		return true, fail(cellos.ErrHost, "%w", err)
+	}
+	defer pdir.Close()
+	cfg := shimConfig{CellID: s.ID, RunscID: e.runscID, Runsc: *c.runsc,
+		Flags:      cellFlags{Log: filepath.Join(bundle, fileRunscLog), IgnoreCgroups: e.flags.IgnoreCgroups, Overlay: e.flags.Overlay},
+		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, Pool: true}
+	cfg.Runsc.NetNS = "" // set below, once the directory is the bundle
+	if e.limits != (cgroups.Limits{}) {
+		cfg.MemoryCgroup = b.cg.MemoryDir(e.runscID)
+	}
+	if err := b.writePooledCell(e, doc, cfg); err != nil {
 		go p.discardLogged(e)
 		return true, fail(cellos.ErrHost, "writing the cell into a pool sandbox: %w", err)
 	}
-	if err := unix.Renameat2(unix.AT_FDCWD, e.dir, unix.AT_FDCWD, bundle, unix.RENAME_NOREPLACE); err != nil {
+	if err := pdir.Rename(e.name, root, s.ID); err != nil {
 		go p.discardLogged(e)
-		if errors.Is(err, unix.EEXIST) {
+		if errors.Is(err, fs.ErrExist) {
 			return false, fail(cellos.ErrAlreadyExists, "%s exists; Destroy or Recover removes it", bundle)
 		}
 		return true, fail(cellos.ErrHost, "moving a pool sandbox to the bundle: %w", err)
 	}
 	p.disown(e.name) // the directory is the cell's bundle now
-	c.paths.runscID, c.pid = e.runscID, e.pid
-	_, err = io.WriteString(e.claims, "claim "+bundle+"\n")
-	_ = e.claims.Close()
+	dev, ino := e.d.Ident()
+	c.dir, err = owned.OpenIdent(bundle, dev, ino)
+	if err != nil {
+		// Someone moved it meanwhile: it is not the cell's, and nothing is sent to the keeper.
+		return false, fail(cellos.ErrHost, "the bundle after the move: %w", err)
+	}
+	c.paths.runscID, c.pid = e.runscID, e.keeper.ident
+	if e.runsc.NetNS != "" {
+		c.runsc.NetNS = filepath.Join(bundle, fileControlNetns)
+		cfg.Runsc.NetNS = c.runsc.NetNS
+	}
+	if e.limits != (cgroups.Limits{}) {
+		cgPath := cgroups.Path(e.runscID)
+		c.handle.CgroupPath, c.memory = &cgPath, cfg.MemoryCgroup
+	}
+	err = e.keeper.send(shimRequest{Protocol: shimProtocol, Bundle: bundle, Dev: dev, Ino: ino, Config: cfg})
+	_ = e.keeper.requests.Close()
 	line := ""
 	if err == nil {
 		line, err = e.reply(ctx, poolClaimTimeout)
 	}
-	_ = e.replies.Close()
+	_ = e.keeper.answers.Close()
 	if err == nil && line != "ok" {
 		err = errors.New(strings.TrimPrefix(line, "error: "))
 	}
 	if err != nil {
 		err = fail(cellos.ErrHost, "starting the cell in a pool sandbox: %w", err)
-		_ = e.keeper.Process.Kill()
+		_ = e.keeper.cmd.Process.Kill()
 		select {
 		case <-e.exited:
 		case <-time.After(shimExitGrace):
 		}
-		if uerr := b.undoCreate(c, false); uerr != nil {
+		if uerr := b.undoCreate(c, root, e.limits != (cgroups.Limits{})); uerr != nil {
 			b.log.Error("cleaning up after a failed create", zap.String("cell", s.ID), zap.Error(uerr))
 			return false, err
 		}
+		_ = c.dir.Close()
+		c.dir, c.handle.CgroupPath, c.memory = nil, nil, ""
 		c.paths.runscID, c.pid = RunscID(c.paths.root, s.ID), pidRecord{}
+		c.runsc.NetNS = filepath.Join(bundle, fileControlNetns)
 		return true, err
 	}
+	_ = e.d.Close()
 	c.handle.CellID = s.ID
 	b.startWatching(c)
 	return false, nil
@@ -846,26 +967,39 @@ type execCapabilities struct {
 
 // writePooledCell writes the cell's files into the pool directory, before it becomes the bundle:
 // /etc/passwd and /etc/group naming the cell's user, config.json (the cell's own; the sandbox's
-// is kept as sandbox.json), the workload's process and the shim's config.
-func (b *Backend) writePooledCell(c *cell, doc *cellos.ExecutionCellDocument, e *warmEntry) error {
+// is kept as sandbox.json), the workload's process, the marker and the shim record.
+func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocument, cfg shimConfig) error {
 	s := &doc.Spec
 	files := etcFiles(s)
-	etc := filepath.Join(e.dir, dirRootfs, "etc")
+	rootfs, err := e.d.OpenDir(dirRootfs)
+	if err != nil {
+		return err
+	}
+	defer rootfs.Close()
+	etc, err := rootfs.OpenDir("etc")
+	if err != nil {
+		return err
+	}
+	defer etc.Close()
 	for _, name := range []string{"passwd", "group"} {
-		if err := writeReadable(filepath.Join(etc, name), files[name]); err != nil {
+		if err := etc.WriteFile(name, []byte(files[name]), 0o644); err != nil {
 			return err
 		}
 	}
-	spec := BuildSpec(doc, SpecInputs{HostSystem: b.host})
+	in := SpecInputs{HostSystem: b.host}
+	if e.limits != (cgroups.Limits{}) {
+		in.CgroupsPath = cgroups.Path(e.runscID)
+	}
+	spec := BuildSpec(doc, in)
 	spec.Hostname = WarmPoolHostname
 	data, err := MarshalSpec(spec)
 	if err != nil {
 		return err
 	}
-	if err := os.Rename(filepath.Join(e.dir, fileConfig), filepath.Join(e.dir, fileSandboxConfig)); err != nil {
+	if err := e.d.Rename(fileConfig, e.d, fileSandboxConfig); err != nil {
 		return err
 	}
-	if err := writeExclusive(filepath.Join(e.dir, fileConfig), data, 0o644); err != nil {
+	if err := e.d.WriteFile(fileConfig, data, 0o644); err != nil {
 		return err
 	}
 	empty := []string{}
@@ -876,32 +1010,19 @@ func (b *Backend) writePooledCell(c *cell, doc *cellos.ExecutionCellDocument, e 
 	if err != nil {
 		return err
 	}
-	if err := writeExclusive(filepath.Join(e.dir, fileProcess), data, 0o644); err != nil {
+	if err := e.d.WriteFile(fileProcess, data, 0o644); err != nil {
 		return err
 	}
-	cfg := shimConfig{CellID: s.ID, RunscID: e.runscID, Runsc: e.runsc,
-		Flags:      cellFlags{Log: filepath.Join(c.paths.bundle, fileRunscLog), IgnoreCgroups: true, Overlay: e.flags.Overlay},
-		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, Pool: &poolShim{Keeper: e.dir}}
-	return writeJSONAtomic(filepath.Join(e.dir, fileShim), cfg)
-}
-
-// poolShim is the part of a cell's shim.json for a cell that runs in a pool sandbox.
-type poolShim struct {
-	// Keeper is the pool directory the cell's shim — the sandbox's keeper — was started with:
-	// its command line names it, and with it the shim is recognised.
-	Keeper string `json:"keeper"`
+	if err := writeRecord(e.d, fileMarker, bundleMarker{Protocol: shimProtocol, CellID: s.ID}); err != nil {
+		return err
+	}
+	return writeRecord(e.d, fileShim, cfg) // for operators; never read back
 }
 
 // runDetachedArgs is the argv (without the binary) that starts a pool sandbox and returns once it
 // runs.
 func (r *runsc) runDetachedArgs(c cellFlags, bundle, id string) []string {
 	return append(r.globalArgs(&c), "run", "--detach", "--bundle", bundle, id)
-}
-
-// pooledExecArgs is the argv (without the binary) of a pooled cell's workload: runsc exec of its
-// process into the sandbox, in the foreground.
-func (cfg *shimConfig) pooledExecArgs(bundle string) []string {
-	return cfg.Runsc.execArgs(cfg.Flags, cfg.RunscID, filepath.Join(bundle, fileProcess), filepath.Join(bundle, fileWorkloadPid))
 }
 
 // isPoolRunscID reports whether id is a pool sandbox's runsc id.
@@ -920,46 +1041,6 @@ func validPoolName(name string) bool {
 		}
 	}
 	return true
-}
-
-// pooledRunscID returns the runsc id of the cell whose bundle this is when it runs in a pool
-// sandbox (its shim.json says so).
-func pooledRunscID(bundle string) (string, bool) {
-	var cfg shimConfig
-	if readJSON(filepath.Join(bundle, fileShim), &cfg) != nil || cfg.Pool == nil || !isPoolRunscID(cfg.RunscID) {
-		return "", false
-	}
-	return cfg.RunscID, true
-}
-
-// isKeeperOf reports whether cmdline (of a live process) is that of the keeper serving the
-// pooled cell of bundle.
-func isKeeperOf(cmdline []byte, bundle string) bool {
-	rest, ok := bytes.CutPrefix(cmdline, []byte(keeperArgv0+"\x00"))
-	if !ok {
-		return false
-	}
-	var cfg shimConfig
-	return readJSON(filepath.Join(bundle, fileShim), &cfg) == nil && cfg.Pool != nil &&
-		string(rest) == cfg.Pool.Keeper+"\x00"
-}
-
-// openKeeper returns a handle on the idle keeper recorded in pid for the pool directory dir, or
-// nil when that process is gone.
-func openKeeper(pid pidRecord, dir string) *proc.Handle {
-	if pid.Pid <= 0 {
-		return nil
-	}
-	h, err := proc.Open(pid.Pid)
-	if err != nil {
-		return nil
-	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid.Pid))
-	if err != nil || !pid.alive() || string(cmdline) != keeperArgv0+"\x00"+dir+"\x00" {
-		_ = h.Close()
-		return nil
-	}
-	return h
 }
 
 // signalCell sends sig to the cell's workload: the container's init for a cold cell, the
@@ -991,94 +1072,119 @@ func (c *cell) isPooled() bool { return isPoolRunscID(c.paths.runscID) }
 // idle ones a dead supervisor left (its keepers delete them themselves once they see it gone;
 // Recover finishes the job) — and those of another live Backend on the same root, which Recover,
 // run once at supervisor start, treats the same. It also removes runsc state of pool sandboxes
-// that have neither a pool directory nor a cell. Pool sandboxes never appear in the report.
-func (b *Backend) recoverPool(ctx context.Context, loc location) error {
-	dir := filepath.Join(loc.root, poolDirName)
-	entries, err := os.ReadDir(dir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+// that have neither a pool directory nor a cell. Pool sandboxes never appear in the report. An
+// entry of the pool directory the library did not make (its name is not its own poolName) is
+// skipped with a warning.
+func (b *Backend) recoverPool(ctx context.Context, loc location, root *owned.Dir, shims map[proc.FileIdent]proc.Ident) error {
+	pdir, err := openPoolDir(root, false)
+	if err != nil {
 		return err
 	}
-	errs := make([]error, len(entries))
-	var wg sync.WaitGroup
-	for i, en := range entries {
-		if b.pool.owns(en.Name()) {
-			continue
+	var errs []error
+	if pdir != nil {
+		defer pdir.Close()
+		names, err := pdir.Entries()
+		if err != nil {
+			return err
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = b.removePoolEntry(loc, en.Name())
-		}()
-	}
-	wg.Wait()
-	if loc.runscErr == nil {
-		if _, err := os.Stat(loc.runsc.Root); err == nil {
-			if err := b.removeOrphanPoolState(loc); err != nil {
-				errs = append(errs, err)
+		errs = make([]error, len(names))
+		var wg sync.WaitGroup
+		for i, name := range names {
+			if b.pool.owns(name) || ctx.Err() != nil {
+				continue
 			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = b.removePoolEntry(loc, pdir, name, shims)
+			}()
+		}
+		wg.Wait()
+	}
+	if loc.runscErr == nil {
+		if err := b.removeOrphanPoolState(loc, root, pdir); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	if !b.pool.active() {
-		_ = os.Remove(dir) // when empty
+	if pdir != nil && !b.pool.active() {
+		_ = root.Remove(poolDirName) // when empty
 	}
 	return errors.Join(errs...)
 }
 
 // removePoolEntry removes one idle sandbox of another (dead) supervisor: its keeper is asked to
-// delete it (SIGTERM) and killed if it does not; then runsc's state and the directory go.
-func (b *Backend) removePoolEntry(loc location, name string) error {
-	edir := filepath.Join(loc.root, poolDirName, name)
-	fi, err := os.Lstat(edir)
+// delete it (SIGTERM) and killed if it does not; then runsc's state, its cgroups and the
+// directory go.
+func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, shims map[proc.FileIdent]proc.Ident) error {
+	path := filepath.Join(pdir.Path(), name)
+	d, err := pdir.OpenDir(name)
 	if err != nil {
+		b.log.Warn("skipping an entry of the pool directory that is not the library's", zap.String("path", path), zap.Error(err))
 		return nil
 	}
-	if !fi.IsDir() || !validPoolName(name) {
-		b.log.Warn("removing an entry of the pool directory that is not a pool sandbox", zap.String("path", edir))
-		return removeBundle(edir, fi.IsDir())
-	}
-	var pid pidRecord
-	_ = readJSON(filepath.Join(edir, fileKeeperPid), &pid)
-	if h := openKeeper(pid, edir); h != nil {
-		_ = h.Signal(unix.SIGTERM) // an idle keeper deletes its sandbox and exits
-		if !waitFor(h, keeperStopTimeout) {
-			_ = h.Signal(unix.SIGKILL)
-			waitFor(h, shimExitGrace)
+	defer d.Close()
+	dev, ino := d.Ident()
+	if name != poolName(loc.root, dev, ino) {
+		if strings.HasPrefix(name, "new-") {
+			// An entry whose making was interrupted before its rename: nothing ran in it.
+			return removeBundle(pdir, name)
 		}
-		_ = h.Close()
+		b.log.Warn("skipping an entry of the pool directory that is not the library's", zap.String("path", path))
+		return nil
+	}
+	if id, ok := shims[proc.FileIdent{Dev: dev, Ino: ino}]; ok {
+		if h, err := openShim(id, d); err == nil {
+			_ = h.Signal(unix.SIGTERM) // an idle keeper deletes its sandbox and exits
+			if !waitFor(h, keeperStopTimeout) {
+				_ = h.Signal(unix.SIGKILL)
+				waitFor(h, shimExitGrace)
+			}
+			_ = h.Close()
+		}
 	}
 	r := *loc.runsc
-	var kc keeperConfig
-	if readJSON(filepath.Join(edir, fileKeeper), &kc) == nil && kc.Runsc.Path != "" && kc.Runsc.Root == r.Root {
-		r = kc.Runsc // the binary it was started with
+	r.NetNS = ""
+	if _, err := d.Lstat(fileControlNetns); err == nil && b.root {
+		r.NetNS = filepath.Join(path, fileControlNetns)
 	}
+	runscID := poolIDPrefix + name
 	var errs []error
-	if err := removeSandbox(&r, poolIDPrefix+name); err != nil {
+	if err := removeSandbox(&r, runscID); err != nil {
 		errs = append(errs, err)
 	}
-	if len(errs) == 0 {
-		if err := removeBundle(edir, true); err != nil {
+	if b.cg != nil {
+		if _, err := b.cg.Remove(runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	b.log.Info("removed an idle pool sandbox", zap.String("sandbox", poolIDPrefix+name), zap.Error(errors.Join(errs...)))
+	if len(errs) == 0 {
+		if err := removeBundle(pdir, name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	b.log.Info("removed an idle pool sandbox", zap.String("sandbox", runscID), zap.Error(errors.Join(errs...)))
 	if len(errs) > 0 {
-		return fmt.Errorf("pool sandbox %s: %w", edir, errors.Join(errs...))
+		return fmt.Errorf("pool sandbox %s: %w", path, errors.Join(errs...))
 	}
 	return nil
 }
 
 // removeOrphanPoolState removes runsc containers with a pool id that no pool directory and no
-// cell's bundle names: a pool sandbox whose directory went while runsc kept it.
-func (b *Backend) removeOrphanPoolState(loc location) error {
+// cell's bundle accounts for: a pool sandbox whose directory went while runsc kept it.
+func (b *Backend) removeOrphanPoolState(loc location, root, pdir *owned.Dir) error {
 	ids, _ := loc.runsc.stateIDs()
 	inUse := map[string]bool{}
-	if entries, err := os.ReadDir(loc.root); err == nil {
-		for _, en := range entries {
-			if en.IsDir() && cellos.ValidID(en.Name()) {
-				if id, ok := pooledRunscID(filepath.Join(loc.root, en.Name())); ok {
-					inUse[id] = true
-				}
+	names, _ := root.Entries()
+	for _, name := range names {
+		if !cellos.ValidID(name) {
+			continue
+		}
+		if d, err := root.OpenDir(name); err == nil {
+			if _, err := d.Lstat(fileSandboxConfig); err == nil {
+				dev, ino := d.Ident()
+				inUse[poolRunscID(loc.root, dev, ino)] = true
 			}
+			_ = d.Close()
 		}
 	}
 	var errs []error
@@ -1090,11 +1196,20 @@ func (b *Backend) removeOrphanPoolState(loc location) error {
 		if b.pool.owns(name) {
 			continue
 		}
-		if _, err := os.Lstat(filepath.Join(loc.root, poolDirName, name)); err == nil {
-			continue // its directory is there: removePoolEntry reported why it stayed
+		if pdir != nil {
+			if _, err := pdir.Lstat(name); err == nil {
+				continue // its directory is there: removePoolEntry reported why it stayed
+			}
 		}
-		if err := removeSandbox(loc.runsc, id); err != nil {
+		r := *loc.runsc
+		r.NetNS = ""
+		if err := removeSandbox(&r, id); err != nil {
 			errs = append(errs, err)
+		}
+		if b.cg != nil {
+			if _, err := b.cg.Remove(id, cgroupRmTimout); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)

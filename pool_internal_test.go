@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
 )
 
 // Pool sandboxes' runsc ids and cells' ids are never prefixes of one another (runsc matches ids
@@ -59,7 +60,7 @@ func TestWarmProfile(t *testing.T) {
 	for name, c := range cases {
 		s := base()
 		c.change(s)
-		assert.Equal(t, c.warm, warmProfile(s), name)
+		assert.Equal(t, c.warm, warmProfile(s, cgroups.Limits{}), name)
 	}
 }
 
@@ -70,26 +71,44 @@ func TestPooledProcessFile(t *testing.T) {
 	dir := t.TempDir()
 	b, err := New(WithBundleRoot(dir))
 	assert.NoError(t, err)
-	e := &warmEntry{dir: dir, runscID: poolIDPrefix + strings.Repeat("a", poolNameLen)}
+	e := &warmEntry{dir: dir, d: ownedDir(t, dir), runscID: poolIDPrefix + strings.Repeat("a", poolNameLen)}
 	for _, d := range []string{"rootfs", "rootfs/etc"} {
 		assert.NoError(t, mkdir(dir+"/"+d))
 	}
-	assert.NoError(t, writeExclusive(dir+"/"+fileConfig, []byte("{}"), 0o644))
+	assert.NoError(t, os.WriteFile(dir+"/"+fileConfig, []byte("{}"), 0o644))
 	c := b.newCell("x", b.locate())
-	e.runsc = *c.runsc
-	e.runsc.Rootless = false
-	assert.NoError(t, b.writePooledCell(c, doc, e))
+	cfg := shimConfig{CellID: "x", RunscID: e.runscID, Runsc: *c.runsc, Pool: true,
+		Flags: cellFlags{Log: c.paths.bundle + "/runsc.log", IgnoreCgroups: true, Overlay: "none"}}
+	cfg.Runsc.Rootless = false
+	assert.NoError(t, b.writePooledCell(e, doc, cfg))
 	var p map[string]any
 	assert.NoError(t, readJSON(dir+"/"+fileProcess, &p))
 	assert.Equal(t, map[string]any{"bounding": []any{}, "effective": []any{}, "inheritable": []any{}, "permitted": []any{}, "ambient": []any{}}, p["capabilities"])
 	assert.Equal(t, true, p["noNewPrivileges"])
 	assert.Equal(t, map[string]any{"uid": float64(65534), "gid": float64(65534)}, p["user"])
-	var cfg shimConfig
-	assert.NoError(t, readJSON(dir+"/"+fileShim, &cfg))
-	assert.Equal(t, e.runscID, cfg.RunscID)
-	assert.Equal(t, &poolShim{Keeper: dir}, cfg.Pool)
-	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--ignore-cgroups",
+	var marker bundleMarker
+	assert.NoError(t, readJSON(dir+"/"+fileMarker, &marker))
+	assert.Equal(t, "x", marker.CellID)
+	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--overlay2=none",
 		"exec", "--process", "/b/process.json", "--internal-pid-file", "/b/workload.pid", e.runscID}, cfg.runscArgs("/b"))
+}
+
+// A cell's runsc id in a pool sandbox comes from its bundle directory: the same directory, moved,
+// gives the same id; another directory another one.
+func TestPoolRunscIDFromDirectory(t *testing.T) {
+	root := t.TempDir()
+	a := ownedDir(t, root+"/a")
+	dev, ino := a.Ident()
+	id := poolRunscID(root, dev, ino)
+	assert.True(t, isPoolRunscID(id))
+	require.NoError(t, os.Rename(root+"/a", root+"/moved"))
+	moved := ownedDir(t, root+"/moved")
+	dev2, ino2 := moved.Ident()
+	assert.Equal(t, id, poolRunscID(root, dev2, ino2))
+	other := ownedDir(t, root+"/b")
+	dev3, ino3 := other.Ident()
+	assert.NotEqual(t, id, poolRunscID(root, dev3, ino3))
+	assert.NotEqual(t, id, poolRunscID(root+"x", dev, ino), "the bundle root is part of it")
 }
 
 func mkdir(p string) error { return os.Mkdir(p, 0o755) }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -16,38 +15,41 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 )
 
 // The keeper is the shim of a warm-pool sandbox (pool.go): the library's binary re-executed, as
-// for a cell's shim, with its own argv0. It starts the idle sandbox (`runsc run --detach`) as a
-// child subreaper, so that the sandbox's processes become its children: it reaps them when the
-// sandbox is deleted, which keeps `runsc delete` fast (Debian's runsc waits for the sandbox
+// for a cell's shim, with its own argv0 and the same two pipes. Its first request (keeperRequest)
+// names the pool directory and how to start the idle sandbox; it starts it (`runsc run --detach`)
+// as a child subreaper, so that the sandbox's processes become its children: it reaps them when
+// the sandbox is deleted, which keeps `runsc delete` fast (Debian's runsc waits for the sandbox
 // process to be reaped, and this VM's PID 1 reaps orphans ~1.5 s late). Then it waits:
 //
-//   - "claim <bundle>" on fd 4: the supervisor has moved the pool directory to the cell's bundle
-//     and written the cell's shim.json there. The keeper becomes the cell's shim: runShim runs
-//     `runsc exec` of the workload into the sandbox, captures its output, enforces its TTL,
-//     deletes the sandbox after the workload and writes exit.json — exactly what a cell's shim
-//     does, so the cell survives its supervisor as any other.
+//   - a second request, a cell's shimRequest: the supervisor has moved the pool directory to the
+//     cell's bundle (the same directory: the keeper checks its device and inode) and written the
+//     cell's files there. The keeper becomes the cell's shim: runShim runs `runsc exec` of the
+//     workload into the sandbox, captures its output, enforces its TTL, deletes the sandbox
+//     after the workload and writes exit.json — exactly what a cell's shim does, so the cell
+//     survives its supervisor as any other.
 //   - end of file on fd 4 (the supervisor closed it — Close — or died), SIGTERM (Recover), or the
 //     sandbox dying: it deletes the sandbox and exits. The pool directory is the supervisor's (or
 //     Recover's) to remove.
 //
-// fd 3 carries its replies: "ok" once the sandbox runs, and after a claim "ok" once runsc exec has
-// started, or "error: <why>".
+// fd 3 carries its answers: "ok" once the sandbox runs, and after a claim "ok" once runsc exec
+// has started, or "error: <why>".
 const keeperArgv0 = "cellos-gvisor-pool"
 
-func init() {
-	if len(os.Args) == 2 && os.Args[0] == keeperArgv0 && os.Getenv(shimEnv) == "1" {
-		os.Exit(keeperMain(os.Args[1]))
-	}
-}
-
-// keeperConfig is <pool dir>/keeper.json: how to start the idle sandbox.
-type keeperConfig struct {
-	RunscID string    `json:"runscId"`
-	Runsc   runsc     `json:"runsc"`
-	Flags   cellFlags `json:"flags"`
+// keeperRequest is the supervisor's first request to a keeper: start the idle sandbox of the
+// pool directory Dir (identified by device and inode).
+type keeperRequest struct {
+	Protocol int       `json:"protocol"`
+	Dir      string    `json:"dir"`
+	Dev      uint64    `json:"dev"`
+	Ino      uint64    `json:"ino"`
+	RunscID  string    `json:"runscId"`
+	Runsc    runsc     `json:"runsc"`
+	Flags    cellFlags `json:"flags"`
 }
 
 // Bounds of the keeper's own waits.
@@ -56,43 +58,55 @@ const (
 	reapTimeout        = 5 * time.Second  // for the sandbox's processes once runsc delete returned
 )
 
-func keeperMain(dir string) int {
-	signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGPIPE, syscall.SIGTTOU, syscall.SIGTTIN)
+func keeperMain() int {
+	ignoreSignals()
 	terms := make(chan os.Signal, 1)
 	signal.Notify(terms, syscall.SIGTERM)
-	// The pipes must not leak into runsc and the sandbox it starts.
-	syscall.CloseOnExec(3)
-	syscall.CloseOnExec(4)
-	replies, claims := os.NewFile(3, "replies"), os.NewFile(4, "claims")
-	say := func(msg string) { _, _ = io.WriteString(replies, msg+"\n") }
+	answers, requests := shimPipes()
+	say := func(msg string) { _, _ = io.WriteString(answers, msg+"\n") }
 	fail := func(err error) int {
 		fmt.Fprintf(os.Stderr, "cellos pool keeper: %v\n", err)
-		say("error: " + err.Error())
+		say("error: " + strings.ReplaceAll(err.Error(), "\n", " "))
 		return 1
+	}
+	rd := bufio.NewReader(requests)
+	var kr keeperRequest
+	if err := readRequest(rd, &kr); err != nil {
+		if errors.Is(err, io.EOF) {
+			return 0
+		}
+		return fail(err)
+	}
+	if kr.Protocol != shimProtocol || !isPoolRunscID(kr.RunscID) || !filepath.IsAbs(kr.Runsc.Path) {
+		return fail(fmt.Errorf("malformed request (protocol %d, sandbox %q)", kr.Protocol, kr.RunscID))
+	}
+	dir, err := owned.OpenIdent(kr.Dir, kr.Dev, kr.Ino)
+	if err != nil {
+		return fail(fmt.Errorf("opening the pool directory: %w", err))
+	}
+	if err := enterBundle(dir); err != nil {
+		return fail(err)
 	}
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fail(fmt.Errorf("becoming a child subreaper: %w", err))
 	}
-	var kc keeperConfig
-	if err := readJSON(filepath.Join(dir, fileKeeper), &kc); err != nil {
-		return fail(err)
-	}
-	if err := writePidFile(filepath.Join(dir, fileKeeperPid), os.Getpid()); err != nil {
-		return fail(err)
-	}
-	if err := startIdleSandbox(dir, &kc); err != nil {
-		releaseSandbox(&kc.Runsc, kc.RunscID)
+	if err := startIdleSandbox(dir, &kr); err != nil {
+		releaseSandbox(&kr.Runsc, kr.RunscID)
 		return fail(err)
 	}
 	say("ok")
 
-	claimed := make(chan string, 1)
+	claimed := make(chan *shimRequest, 1)
 	go func() {
-		line, err := bufio.NewReader(claims).ReadString('\n')
-		if err != nil {
-			line = ""
+		var req shimRequest
+		if err := readRequest(rd, &req); err != nil {
+			if !errors.Is(err, io.EOF) {
+				fmt.Fprintf(os.Stderr, "cellos pool keeper: %v\n", err)
+			}
+			claimed <- nil
+			return
 		}
-		claimed <- line
+		claimed <- &req
 	}()
 	died := make(chan struct{}, 1)
 	go func() {
@@ -108,36 +122,39 @@ func keeperMain(dir string) int {
 	}()
 
 	select {
-	case line := <-claimed:
-		bundle, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "claim ")
-		if !ok || !filepath.IsAbs(bundle) {
-			releaseSandbox(&kc.Runsc, kc.RunscID)
+	case req := <-claimed:
+		if req == nil {
+			releaseSandbox(&kr.Runsc, kr.RunscID)
 			return 0 // released: Close, or the supervisor is gone
 		}
 		signal.Reset(syscall.SIGTERM) // a cell's shim, from now on
-		return keepCell(bundle, &kc, say, replies)
+		return keepCell(dir, &kr, req, &answerer{f: answers})
 	case <-terms:
 		fmt.Fprintln(os.Stderr, "cellos pool keeper: SIGTERM, deleting the idle sandbox")
 	case <-died:
 		fmt.Fprintln(os.Stderr, "cellos pool keeper: the idle sandbox died")
-		releaseSandbox(&kc.Runsc, kc.RunscID)
+		releaseSandbox(&kr.Runsc, kr.RunscID)
 		return 1
 	}
-	releaseSandbox(&kc.Runsc, kc.RunscID)
+	releaseSandbox(&kr.Runsc, kr.RunscID)
 	return 0
 }
 
 // startIdleSandbox runs `runsc run --detach`: the sandbox and its gofer outlive that runsc and
 // become the keeper's children. They inherit runsc's stdio, so none of it may be a pipe.
-func startIdleSandbox(dir string, kc *keeperConfig) error {
+func startIdleSandbox(dir *owned.Dir, kr *keeperRequest) error {
 	ctx, cancel := context.WithTimeout(context.Background(), keeperStartTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, kc.Runsc.Path, kc.Runsc.runDetachedArgs(kc.Flags, dir, kc.RunscID)...)
-	cmd.Dir = dir
+	cmd := kr.Runsc.command(ctx, kr.Runsc.runDetachedArgs(kr.Flags, dir.Path(), kr.RunscID)...)
+	cmd.Dir = dir.Path()
 	cmd.Stderr = os.Stderr // shim.log, a file
 	cmd.Env = shimChildEnv()
-	if err := cmd.Run(); err != nil {
-		if msg := runscFailure(kc.Flags.Log); msg != "" {
+	err := kr.Runsc.start(cmd)
+	if err == nil {
+		err = cmd.Wait()
+	}
+	if err != nil {
+		if msg := runscFailure(dir, fileSandboxLog); msg != "" {
 			return fmt.Errorf("starting the idle sandbox: %v: %s", err, msg)
 		}
 		return fmt.Errorf("starting the idle sandbox: %w", err)
@@ -145,20 +162,27 @@ func startIdleSandbox(dir string, kc *keeperConfig) error {
 	return nil
 }
 
-// keepCell runs the cell the keeper's sandbox was claimed for, as its shim.
-func keepCell(bundle string, kc *keeperConfig, say func(string), replies *os.File) int {
-	rec, err := runShim(bundle, func() { say("ok"); _ = replies.Close() })
+// keepCell runs the cell the keeper's sandbox was claimed for, as its shim. The bundle must be
+// the keeper's own directory, moved.
+func keepCell(dir *owned.Dir, kr *keeperRequest, req *shimRequest, a *answerer) int {
+	err := req.check()
+	if err == nil && (req.Dev != kr.Dev || req.Ino != kr.Ino || req.Config.RunscID != kr.RunscID || !req.Config.Pool) {
+		err = fmt.Errorf("the claim names another directory or sandbox (%s, %s)", req.Bundle, req.Config.RunscID)
+	}
+	var bundle *owned.Dir
+	if err == nil {
+		bundle, err = owned.OpenIdent(req.Bundle, kr.Dev, kr.Ino)
+	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "cellos shim: %v\n", err)
-		say("error: " + err.Error())
-		releaseSandbox(&kc.Runsc, kc.RunscID)
-		return 1
+		releaseSandbox(&kr.Runsc, kr.RunscID)
+		return a.fail(err)
 	}
-	if err := writeJSONAtomic(filepath.Join(bundle, fileExit), rec); err != nil {
-		fmt.Fprintf(os.Stderr, "cellos shim: recording the exit: %v\n", err)
-		return 1
+	_ = dir.Close()
+	code := serve(bundle, &req.Config, a)
+	if code != 0 {
+		releaseSandbox(&kr.Runsc, kr.RunscID) // nothing was started for the cell, or it has ended
 	}
-	return 0
+	return code
 }
 
 // releaseSandbox deletes the keeper's sandbox and reaps its processes. It runs in the keeper
@@ -227,10 +251,3 @@ func childPids() []int {
 	return out
 }
 
-// releasePooled is the end of a pooled cell's shim (runShim): once the workload's runsc exec
-// has exited, the sandbox goes — with any process the workload left behind, which would
-// otherwise hold its output open — before the output is drained, as `runsc run` ends a cold
-// cell's sandbox with its workload.
-func releasePooled(cfg *shimConfig) {
-	releaseSandbox(&cfg.Runsc, cfg.RunscID)
-}

@@ -3,7 +3,6 @@ package gvisor
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,6 +11,8 @@ import (
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
+	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
 // RecoveryReport lists what Recover found. Every cell found is in exactly one list.
@@ -27,18 +28,30 @@ type RecoveryReport struct {
 // without recording an exit, a bundle that Create never finished and runsc state without a
 // bundle are cleaned as Destroy would. Cells this Backend already tracks are left alone. Call it
 // once at supervisor start, before creating cells.
+//
+// Only what is the library's is touched: a bundle root that breaks the ownership rule is refused
+// whole, and an entry of it without the library's marker (a directory of the euid's own, holding
+// cellos.json for that id) is skipped with a warning, never removed.
 func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 	const op = "recover"
 	var rep RecoveryReport
 	var errs []error
 	loc := b.locate()
-	entries, err := os.ReadDir(loc.root)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	root, err := openExistingRoot(loc)
+	if err != nil {
 		return rep, cellos.NewError(op, "", cellos.ErrHost, err)
 	}
+	if root == nil {
+		return rep, nil
+	}
+	defer root.Close()
+	names, err := root.Entries()
+	if err != nil {
+		return rep, cellos.NewError(op, "", cellos.ErrHost, err)
+	}
+	shims := findShims()
 	seen := map[string]bool{}
-	for _, en := range entries {
-		id := en.Name()
+	for _, id := range names {
 		if strings.HasPrefix(id, ".") || !cellos.ValidID(id) {
 			if id != filepath.Base(loc.runsc.Root) && id != poolDirName {
 				b.log.Warn("ignoring an entry of the bundle root that is not a cell", zap.String("name", id))
@@ -48,8 +61,10 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 		if err := ctx.Err(); err != nil {
 			return rep, cellos.NewError(op, "", cellos.ErrHost, err)
 		}
-		seen[id] = true
-		adopted, found, err := b.recoverCell(loc, id)
+		adopted, found, err := b.recoverCell(loc, root, id, shims)
+		if found {
+			seen[id] = true
+		}
 		switch {
 		case !found:
 		case adopted:
@@ -61,37 +76,38 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 			errs = append(errs, err)
 		}
 	}
-	if err := b.recoverPool(ctx, loc); err != nil { // idle warm-pool sandboxes (pool.go): removed, never listed
+	if err := b.recoverPool(ctx, loc, root, shims); err != nil { // idle warm-pool sandboxes (pool.go): removed, never listed
 		errs = append(errs, err)
 	}
 	// runsc state whose bundle is gone: Create or Destroy was interrupted. runsc is asked (for the
 	// bundle paths) only when the state root names a container no bundle accounts for.
-	if loc.runscErr == nil && unaccountedState(loc, seen) {
-		if _, err := os.Stat(loc.runsc.Root); err == nil {
-			states, err := loc.runsc.List(ctx)
+	if loc.runscErr == nil && b.unaccountedState(loc, root, seen) {
+		states, err := loc.runsc.List(ctx)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, st := range states {
+			if isPoolRunscID(st.ID) {
+				continue // a pool sandbox, idle (recoverPool) or a pooled cell's (recoverCell)
+			}
+			id := filepath.Base(st.Bundle)
+			if filepath.Dir(st.Bundle) != loc.root || !cellos.ValidID(id) || st.ID != RunscID(loc.root, id) {
+				b.log.Warn("runsc state root holds a container that is not this library's", zap.String("runscId", st.ID), zap.String("bundle", st.Bundle))
+				continue
+			}
+			if seen[id] {
+				continue
+			}
+			if _, err := root.Lstat(id); err == nil {
+				continue // an entry recoverCell skipped: not the library's to clean
+			}
+			seen[id] = true
+			_, found, err := b.recoverCell(loc, root, id, shims)
+			if found {
+				rep.Cleaned = append(rep.Cleaned, id)
+			}
 			if err != nil {
 				errs = append(errs, err)
-			}
-			for _, st := range states {
-				if isPoolRunscID(st.ID) {
-					continue // a pool sandbox, idle (recoverPool) or a pooled cell's (recoverCell)
-				}
-				id := filepath.Base(st.Bundle)
-				if filepath.Dir(st.Bundle) != loc.root || !cellos.ValidID(id) || st.ID != RunscID(loc.root, id) {
-					b.log.Warn("runsc state root holds a container that is not this library's", zap.String("runscId", st.ID), zap.String("bundle", st.Bundle))
-					continue
-				}
-				if seen[id] {
-					continue
-				}
-				seen[id] = true
-				_, found, err := b.recoverCell(loc, id)
-				if found {
-					rep.Cleaned = append(rep.Cleaned, id)
-				}
-				if err != nil {
-					errs = append(errs, err)
-				}
 			}
 		}
 	}
@@ -107,7 +123,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 
 // unaccountedState reports whether the state root has entries that are neither a pool sandbox's
 // nor a container of a bundle seen in the bundle root.
-func unaccountedState(loc location, seen map[string]bool) bool {
+func (b *Backend) unaccountedState(loc location, root *owned.Dir, seen map[string]bool) bool {
 	ids, other := loc.runsc.stateIDs()
 	if other {
 		return true
@@ -124,14 +140,39 @@ func unaccountedState(loc location, seen map[string]bool) bool {
 	return false
 }
 
-// recoverCell adopts or cleans one cell. found is false when the id is tracked or busy here.
-func (b *Backend) recoverCell(loc location, id string) (adopted, found bool, err error) {
+// recoverCell adopts or cleans one cell. found is false when the id is tracked or busy here, or
+// when its entry is not the library's (skipped with a warning).
+func (b *Backend) recoverCell(loc location, root *owned.Dir, id string, shims map[proc.FileIdent]proc.Ident) (adopted, found bool, err error) {
 	c := b.newCell(id, loc)
 	if b.cells.claim(c) != nil {
 		return false, false, nil
 	}
-	if b.adopt(c) {
-		return true, true, nil
+	release := func() {
+		b.cells.release(c)
+		close(c.ready)
+	}
+	if _, err := root.Lstat(id); err == nil {
+		if _, err := b.openBundle(c, root); err != nil {
+			b.log.Warn("skipping an entry of the bundle root that is not the library's", zap.String("name", id), zap.Error(err))
+			release()
+			return false, false, nil
+		}
+		if !hasMarker(c.dir, id) {
+			if names, err := c.dir.Entries(); err == nil && len(names) == 0 {
+				_ = c.dir.Close()
+				c.dir = nil
+				release()
+				// A Create that died between making the directory and its marker: empty.
+				return false, false, root.Remove(id)
+			}
+			b.log.Warn("skipping a directory of the bundle root without the library's marker", zap.String("name", id))
+			_ = c.dir.Close()
+			release()
+			return false, false, nil
+		}
+		if b.adopt(c, shims) {
+			return true, true, nil
+		}
 	}
 	close(c.ready)
 	done, _ := b.cells.beginTeardown(c)
@@ -139,20 +180,12 @@ func (b *Backend) recoverCell(loc location, id string) (adopted, found bool, err
 	return false, true, err
 }
 
-// adopt tracks c, which the caller claimed, when its shim still runs or recorded the cell's end,
-// and reports whether it did. Otherwise c is left as it was (ready still open).
-func (b *Backend) adopt(c *cell) bool {
-	id := c.id
-	if fi, err := os.Lstat(c.paths.bundle); err != nil || !fi.IsDir() {
-		return false
-	}
-	var pid pidRecord
-	_ = readJSON(filepath.Join(c.paths.bundle, fileShimPid), &pid)
-	shim, _ := openShim(pid, c.paths.bundle)
-	if shim != nil {
-		_ = shim.Close()
-	}
-	if _, err := os.Stat(filepath.Join(c.paths.bundle, fileExit)); shim == nil && err != nil {
+// adopt tracks c, whose bundle the caller opened (c.dir), when its shim still runs or recorded
+// the cell's end, and reports whether it did. Otherwise c is left as it was (ready still open).
+func (b *Backend) adopt(c *cell, shims map[proc.FileIdent]proc.Ident) bool {
+	dev, ino := c.dir.Ident()
+	pid, running := shims[proc.FileIdent{Dev: dev, Ino: ino}]
+	if _, err := c.dir.Lstat(fileExit); !running && err != nil {
 		return false
 	}
 	c.pid = pid
@@ -161,7 +194,7 @@ func (b *Backend) adopt(c *cell) bool {
 		c.handle.CgroupPath = &cgPath
 		c.memory = b.cg.MemoryDir(c.paths.runscID)
 	}
-	c.handle.CellID = id
+	c.handle.CellID = c.id
 	b.adoptNetwork(c)
 	c.created = true
 	close(c.ready)

@@ -12,6 +12,8 @@ import (
 	"os/exec"
 	"strings"
 	"time"
+
+	"github.com/cellos/cellos-host-gvisor/internal/ctlns"
 )
 
 // runscIDPrefix starts every runsc container id the library uses.
@@ -32,6 +34,10 @@ type runsc struct {
 	Platform string   // --platform; "" leaves runsc's default
 	Rootless bool     // --rootless, when the library does not run as root
 	Extra    []string // operator flags, placed after the library's own
+	// NetNS is the cell's control network namespace (a pinned namespace file): every runsc
+	// process of the cell runs in it, so that the abstract control sockets of runsc versions that
+	// use them are out of reach of the host's other users. "" runs runsc in the caller's.
+	NetNS string `json:",omitempty"`
 
 	noOverlay2 bool // the binary has no --overlay2 (see probe.go); not part of shim.json
 }
@@ -77,10 +83,28 @@ func (r *runsc) runArgs(c cellFlags, bundle, id string) []string {
 	return append(r.globalArgs(&c), "run", "--bundle", bundle, id)
 }
 
+// command is a runsc invocation; start starts it. Every runsc process of the library is made and
+// started by these two.
 func (r *runsc) command(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, r.Path, args...)
 	cmd.WaitDelay = time.Second
 	return cmd
+}
+
+// start starts cmd, a runsc command, in the cell's control namespace when it has one.
+func (r *runsc) start(cmd *exec.Cmd) error {
+	if r.NetNS == "" {
+		return cmd.Start()
+	}
+	return ctlns.Start(cmd, r.NetNS)
+}
+
+// run starts cmd and waits for it.
+func (r *runsc) run(cmd *exec.Cmd) error {
+	if err := r.start(cmd); err != nil {
+		return err
+	}
+	return cmd.Wait()
 }
 
 // RunscError is a failed runsc invocation: its arguments, exit code and what it printed.
@@ -111,7 +135,7 @@ func (r *runsc) exec(ctx context.Context, args ...string) ([]byte, error) {
 	var stdout, stderr boundedBuffer
 	stdout.max, stderr.max = maxCapture, 64<<10
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
+	err := r.run(cmd)
 	if err == nil {
 		return stdout.Bytes(), nil
 	}

@@ -2,8 +2,10 @@ package gvisor
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -15,8 +17,11 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/cgroups"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 	"github.com/cellos/cellos-host-gvisor/internal/proc"
 )
 
@@ -29,21 +34,42 @@ import (
 //
 // The shim runs in a session of its own, so signals to the supervisor's process group (a Ctrl-C
 // in a terminal) do not reach it or runsc.
+//
+// Its protocol with the supervisor is two pipes, never a file: fd 4 carries one request (a JSON
+// line, shimRequest: the bundle, identified by path, device and inode, and everything the shim
+// needs, runsc's command line included), fd 3 one answer ("ok" once runsc runs, or "error: ...").
+// Nothing the shim acts on is read back from the bundle, which it opens as an owned directory
+// and checks to be the one the supervisor made. A shim is started before it is needed (spare.go):
+// it waits on fd 4 and exits when that pipe closes without a request.
 const (
-	shimArgv0 = "cellos-gvisor-shim"
-	shimEnv   = "CELLOS_GVISOR_SHIM"
+	shimArgv0    = "cellos-gvisor-shim"
+	shimEnv      = "CELLOS_GVISOR_SHIM"
+	shimProtocol = 1
+	maxRequest   = 1 << 20
 )
 
 func init() {
-	if len(os.Args) == 2 && os.Args[0] == shimArgv0 && os.Getenv(shimEnv) == "1" {
-		if os.Args[1] == spareArg {
-			os.Exit(spareMain())
+	if len(os.Args) == 1 && os.Getenv(shimEnv) == "1" {
+		switch os.Args[0] {
+		case shimArgv0:
+			os.Exit(shimMain())
+		case keeperArgv0:
+			os.Exit(keeperMain())
 		}
-		os.Exit(shimMain(os.Args[1]))
 	}
 }
 
-// shimConfig is what the library tells the shim, in <bundle>/shim.json.
+// shimRequest is the supervisor's request to a shim: serve the cell whose bundle this is.
+type shimRequest struct {
+	Protocol int        `json:"protocol"`
+	Bundle   string     `json:"bundle"`
+	Dev      uint64     `json:"dev"` // the bundle directory's device and inode, as the supervisor made it
+	Ino      uint64     `json:"ino"`
+	Config   shimConfig `json:"config"`
+}
+
+// shimConfig is what the shim does for its cell. A copy is left in the bundle (shim.json) for
+// operators; the library never reads it.
 type shimConfig struct {
 	CellID       string    `json:"cellId"`
 	RunscID      string    `json:"runscId"`
@@ -53,19 +79,59 @@ type shimConfig struct {
 	OutputCap    int64     `json:"outputCap"`
 	MemoryCgroup string    `json:"memoryCgroup,omitempty"` // read for OOM kills after the exit
 	RestoreImage string    `json:"restoreImage,omitempty"` // restore from this checkpoint instead of running config.json's process
-	Pool         *poolShim `json:"pool,omitempty"`         // the cell runs in a warm-pool sandbox: runsc exec of its process (pool.go)
+	Pool         bool      `json:"pool,omitempty"`         // the cell runs in a warm-pool sandbox: runsc exec of its process (pool.go)
 }
 
-// runscArgs is the argv (without the binary) of the runsc process the shim waits on: `run`, or
-// `restore` for a cell restored from a checkpoint.
-func (cfg *shimConfig) runscArgs(bundle string) []string {
-	if cfg.RestoreImage != "" {
-		return cfg.Runsc.restoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
+// check refuses a request the shim cannot trust to be well formed.
+func (r *shimRequest) check() error {
+	switch {
+	case r.Protocol != shimProtocol:
+		return fmt.Errorf("protocol %d, this shim speaks %d", r.Protocol, shimProtocol)
+	case !filepath.IsAbs(r.Bundle) || filepath.Clean(r.Bundle) != r.Bundle:
+		return fmt.Errorf("bundle %q is not an absolute, clean path", r.Bundle)
+	case !filepath.IsAbs(r.Config.Runsc.Path) || r.Config.RunscID == "" || r.Config.OutputCap <= 0:
+		return errors.New("incomplete configuration")
 	}
-	if cfg.Pool != nil {
-		return cfg.pooledExecArgs(bundle)
+	return nil
+}
+
+// readRequest reads one JSON line of at most maxRequest bytes from r: io.EOF when the pipe
+// closed without one.
+func readRequest(r *bufio.Reader, v any) error {
+	var line []byte
+	for {
+		frag, err := r.ReadSlice('\n')
+		line = append(line, frag...)
+		if len(line) > maxRequest {
+			return fmt.Errorf("request longer than %d bytes", maxRequest)
+		}
+		if err == nil {
+			break
+		}
+		if errors.Is(err, bufio.ErrBufferFull) {
+			continue
+		}
+		if len(line) == 0 {
+			return io.EOF
+		}
+		return fmt.Errorf("reading the request: %w", err)
 	}
-	return cfg.Runsc.runArgs(cfg.Flags, bundle, cfg.RunscID)
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("malformed request: %w", err)
+	}
+	return nil
+}
+
+// sendRequest writes v to w as one JSON line.
+func sendRequest(w io.Writer, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(data, '\n'))
+	return err
 }
 
 // exitRecord is <bundle>/exit.json: how the cell ended, written once by the shim.
@@ -89,48 +155,140 @@ type streamRecord struct {
 	Error     string `json:"error,omitempty"`     // writing the file failed (disk full)
 }
 
-// shimMain runs in the shim process. Its stderr is <bundle>/shim.log; fd 3 is the readiness pipe
-// to the library: one line, "ok" once runsc has started, or the reason it could not.
+// Bounds of what the library reads back of a bundle's records and logs.
+const (
+	maxRecord   = 64 << 10
+	maxLogRead  = 1 << 20
+	exitReserve = 16 << 10 // bytes reserved at Create for the exit record (exitReserveFile)
+	maxErrorMsg = 4 << 10  // of runsc's messages kept in the exit record
+)
+
 // ignoreSignals makes the shim deaf to the signals of a terminal and of a closed pipe.
 func ignoreSignals() {
 	signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGPIPE, syscall.SIGTTOU, syscall.SIGTTIN)
 }
 
-func shimMain(bundle string) int {
-	ignoreSignals()
+// shimPipes are the shim's and the keeper's fd 3 (answers) and fd 4 (requests).
+func shimPipes() (answers, requests *os.File) {
 	syscall.CloseOnExec(3) // not runsc's
-	ready := os.NewFile(3, "ready")
-	say := func(msg string) {
-		if ready != nil {
-			_, _ = io.WriteString(ready, msg+"\n")
-			_ = ready.Close()
-			ready = nil
-		}
+	syscall.CloseOnExec(4)
+	return os.NewFile(3, "answers"), os.NewFile(4, "requests")
+}
+
+// answerer writes the shim's one answer on fd 3.
+type answerer struct{ f *os.File }
+
+func (a *answerer) say(msg string) {
+	if a.f != nil {
+		_, _ = io.WriteString(a.f, msg+"\n")
+		_ = a.f.Close()
+		a.f = nil
 	}
-	rec, err := runShim(bundle, func() { say("ok") })
+}
+
+func (a *answerer) fail(err error) int {
+	fmt.Fprintf(os.Stderr, "cellos shim: %v\n", err)
+	a.say("error: " + strings.ReplaceAll(err.Error(), "\n", " "))
+	return 1
+}
+
+// shimMain runs in the shim process: it waits for its request, then serves that cell.
+func shimMain() int {
+	ignoreSignals()
+	answers, requests := shimPipes()
+	a := &answerer{f: answers}
+	var req shimRequest
+	err := readRequest(bufio.NewReader(requests), &req)
+	_ = requests.Close()
+	if errors.Is(err, io.EOF) {
+		return 0 // not needed: Close, or the supervisor is gone
+	}
+	if err == nil {
+		err = req.check()
+	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "cellos shim: %v\n", err)
-		say("error: " + err.Error())
-		return 1
+		return a.fail(err)
 	}
-	if err := writeJSONAtomic(filepath.Join(bundle, fileExit), rec); err != nil {
+	dir, err := owned.OpenIdent(req.Bundle, req.Dev, req.Ino)
+	if err != nil {
+		return a.fail(fmt.Errorf("opening the bundle: %w", err))
+	}
+	if err := enterBundle(dir); err != nil {
+		return a.fail(err)
+	}
+	return serve(dir, &req.Config, a)
+}
+
+// enterBundle makes the bundle the shim's working directory — which is how the library
+// recognises a cell's shim — and its log the shim's stderr.
+func enterBundle(dir *owned.Dir) error {
+	logf, err := dir.OpenFile(fileShimLog, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return fmt.Errorf("shim log: %w", err)
+	}
+	err = unix.Dup3(int(logf.Fd()), 2, 0)
+	_ = logf.Close()
+	if err != nil {
+		return fmt.Errorf("shim log: %w", err)
+	}
+	if err := unix.Fchdir(dir.Fd()); err != nil {
+		return fmt.Errorf("entering the bundle: %w", err)
+	}
+	return nil
+}
+
+// serve runs the cell and records its exit.
+func serve(dir *owned.Dir, cfg *shimConfig, a *answerer) int {
+	reserve, err := dir.OpenFile(fileExitReserve, os.O_RDWR, 0)
+	if err != nil {
+		return a.fail(fmt.Errorf("the exit record's reserved space: %w", err))
+	}
+	defer reserve.Close()
+	rec, err := runShim(dir, cfg, func() { a.say("ok") })
+	if err != nil {
+		return a.fail(err)
+	}
+	if err := writeExit(dir, reserve, rec); err != nil {
 		fmt.Fprintf(os.Stderr, "cellos shim: recording the exit: %v\n", err)
 		return 1
 	}
 	return 0
 }
 
-func runShim(bundle string, started func()) (*exitRecord, error) {
-	var cfg shimConfig
-	if err := readJSON(filepath.Join(bundle, fileShim), &cfg); err != nil {
-		return nil, err
+// writeExit writes the exit record into the space reserved for it at Create, then renames it
+// into place: on a full filesystem the record needs no new blocks (on filesystems that overwrite
+// in place), and a reader sees the whole record or none.
+func writeExit(dir *owned.Dir, reserve *os.File, rec *exitRecord) error {
+	data, err := json.MarshalIndent(rec, "", "  ")
+	if err != nil {
+		return err
 	}
-	outFile, err := os.OpenFile(filepath.Join(bundle, fileStdout), os.O_WRONLY|os.O_APPEND, 0)
+	data = append(data, '\n')
+	if len(data) > exitReserve {
+		return dir.WriteAtomic(fileExit, data, 0o644)
+	}
+	if _, err := reserve.WriteAt(data, 0); err != nil {
+		return err
+	}
+	if err := reserve.Truncate(int64(len(data))); err != nil {
+		return err
+	}
+	return dir.Rename(fileExitReserve, dir, fileExit)
+}
+
+// reserveExit writes the placeholder the exit record will overwrite: real blocks, not a hole.
+func reserveExit(dir *owned.Dir) error {
+	return dir.WriteFile(fileExitReserve, make([]byte, exitReserve), 0o644)
+}
+
+func runShim(dir *owned.Dir, cfg *shimConfig, started func()) (*exitRecord, error) {
+	bundle := dir.Path()
+	outFile, err := dir.OpenFile(fileStdout, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer outFile.Close()
-	errFile, err := os.OpenFile(filepath.Join(bundle, fileStderr), os.O_WRONLY|os.O_APPEND, 0)
+	errFile, err := dir.OpenFile(fileStderr, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -143,16 +301,21 @@ func runShim(bundle string, started func()) (*exitRecord, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := writePidFile(filepath.Join(bundle, fileShimPid), os.Getpid()); err != nil {
+	self, err := proc.IdentOf(os.Getpid())
+	if err != nil {
+		return nil, err
+	}
+	if err := writeRecord(dir, fileShimPid, self); err != nil { // for operators; the library finds shims in /proc
 		return nil, err
 	}
 
-	cmd := exec.Command(cfg.Runsc.Path, cfg.runscArgs(bundle)...)
+	cmd := cfg.Runsc.command(context.Background(), cfg.runscArgs(bundle)...)
 	cmd.Dir = bundle
 	cmd.Stdout, cmd.Stderr = outW, errW
 	cmd.Env = shimChildEnv()
+	cmd.WaitDelay = 0
 	rec := &exitRecord{StartedAt: time.Now().UTC()}
-	if err := cmd.Start(); err != nil {
+	if err := cfg.Runsc.start(cmd); err != nil {
 		return nil, fmt.Errorf("starting runsc: %w", err)
 	}
 	_ = outW.Close()
@@ -176,13 +339,13 @@ func runShim(bundle string, started func()) (*exitRecord, error) {
 			timer.Stop()
 		case <-timer.C:
 			deadlineHit = true
-			killExpired(&cfg, cmd, exited)
+			killExpired(cfg, dir, cmd, exited)
 		}
 	}
 	<-exited
 	rec.ExitedAt = time.Now().UTC()
-	if cfg.Pool != nil {
-		releasePooled(&cfg) // the pool sandbox goes with its workload, as a cold cell's with runsc run
+	if cfg.Pool {
+		releaseSandbox(&cfg.Runsc, cfg.RunscID) // the pool sandbox goes with its workload, as a cold cell's with runsc run
 	}
 
 	// The sandbox's processes hold the pipes too; they are gone or going once runsc has
@@ -193,14 +356,27 @@ func runShim(bundle string, started func()) (*exitRecord, error) {
 	_ = outR.Close()
 	_ = errR.Close()
 
-	interpret(rec, &cfg, bundle, cmd.ProcessState, waitErr, deadlineHit)
+	interpret(rec, cfg, dir, cmd.ProcessState, waitErr, deadlineHit)
 	return rec, nil
+}
+
+// runscArgs is the argv (without the binary) of the runsc process the shim waits on: `run`,
+// `restore` for a cell restored from a checkpoint, or `exec` of the workload for a cell in a
+// warm-pool sandbox.
+func (cfg *shimConfig) runscArgs(bundle string) []string {
+	switch {
+	case cfg.RestoreImage != "":
+		return cfg.Runsc.restoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
+	case cfg.Pool:
+		return cfg.Runsc.execArgs(cfg.Flags, cfg.RunscID, filepath.Join(bundle, fileProcess), filepath.Join(bundle, fileWorkloadPid))
+	}
+	return cfg.Runsc.runArgs(cfg.Flags, bundle, cfg.RunscID)
 }
 
 // killExpired ends a cell whose lifetime is over: SIGKILL through runsc, then, if runsc run has
 // not exited after a grace period, SIGKILL to runsc itself and a forced delete.
-func killExpired(cfg *shimConfig, cmd *exec.Cmd, exited <-chan struct{}) {
-	resumePaused(&cfg.Runsc, cfg.RunscID, cmd.Dir) // a paused sandbox does not take SIGKILL
+func killExpired(cfg *shimConfig, dir *owned.Dir, cmd *exec.Cmd, exited <-chan struct{}) {
+	resumePaused(&cfg.Runsc, cfg.RunscID, dir) // a paused sandbox does not take SIGKILL
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	err := cfg.Runsc.Kill(ctx, cfg.RunscID, "KILL")
 	cancel()
@@ -224,7 +400,7 @@ func killExpired(cfg *shimConfig, cmd *exec.Cmd, exited <-chan struct{}) {
 // interpret turns how runsc ended into the cell's exit status. runsc exits with the workload's
 // code, 128+N for a workload killed by signal N, and 128 for its own failures, which only its log
 // tells apart.
-func interpret(rec *exitRecord, cfg *shimConfig, bundle string, ps *os.ProcessState, waitErr error, deadline bool) {
+func interpret(rec *exitRecord, cfg *shimConfig, dir *owned.Dir, ps *os.ProcessState, waitErr error, deadline bool) {
 	if ps == nil {
 		rec.Runsc = "unknown"
 		rec.Error = fmt.Sprintf("waiting for runsc: %v", waitErr)
@@ -246,14 +422,18 @@ func interpret(rec *exitRecord, cfg *shimConfig, bundle string, ps *os.ProcessSt
 		return
 	}
 	code := ws.ExitStatus()
-	if image := checkpointedTo(bundle); code == 0 && image != "" {
+	if code == 0 {
 		// runsc run exits 0 when its container is checkpointed: that is not the workload's exit.
-		rec.Checkpoint = image
-		return
+		// A workload that exited 0 while a checkpoint was being taken left no image: its exit
+		// stands.
+		if image := checkpointedTo(dir); image != "" && checkpointWritten(image) {
+			rec.Checkpoint = image
+			return
+		}
 	}
 	if code == 128 {
-		if msg := runscFailure(filepath.Join(bundle, fileRunscLog)); msg != "" {
-			rec.Error = msg
+		if msg := runscFailure(dir, fileRunscLog); msg != "" {
+			rec.Error = clip(msg, maxErrorMsg)
 			return
 		}
 	}
@@ -275,16 +455,21 @@ func classify(code int) cellos.ExitStatus {
 	return cellos.ExitStatus{Code: code, Reason: cellos.ExitExited}
 }
 
-// runscFailure returns the error-level messages of runsc's JSON log, or "".
-func runscFailure(logPath string) string {
-	f, err := os.Open(logPath)
+// runscFailure returns the error-level messages of runsc's JSON log name in dir, or "".
+func runscFailure(dir *owned.Dir, name string) string {
+	f, err := dir.OpenFile(name, os.O_RDONLY, 0)
 	if err != nil {
 		return ""
 	}
 	defer f.Close()
+	return runscLogErrors(f)
+}
+
+// runscLogErrors returns the error-level messages of a runsc JSON log.
+func runscLogErrors(r io.Reader) string {
 	var msgs []string
-	sc := bufio.NewScanner(io.LimitReader(f, 1<<20))
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	sc := bufio.NewScanner(io.LimitReader(r, maxLogRead))
+	sc.Buffer(make([]byte, 64<<10), maxLogRead)
 	for sc.Scan() {
 		var line struct {
 			Msg   string `json:"msg"`
@@ -342,20 +527,8 @@ func shimChildEnv() []string {
 	return out
 }
 
-// pidRecord identifies a process across pid reuse: its pid and its start time in clock ticks
-// since boot (field 22 of /proc/<pid>/stat).
-type pidRecord struct {
-	Pid   int    `json:"pid"`
-	Start uint64 `json:"start"`
-}
-
-func writePidFile(path string, pid int) error {
-	start, err := processStart(pid)
-	if err != nil {
-		return err
-	}
-	return writeJSONAtomic(path, pidRecord{Pid: pid, Start: start})
-}
+// pidRecord identifies a process across pid reuse: its pid and its start time.
+type pidRecord = proc.Ident
 
 // processStart reads a process's start time from /proc.
 func processStart(pid int) (uint64, error) {
@@ -363,31 +536,26 @@ func processStart(pid int) (uint64, error) {
 	return st.Start, err
 }
 
-// alive reports whether the process recorded in rec still runs (and is not a zombie).
-func (rec pidRecord) alive() bool {
-	st, err := proc.ReadStat(rec.Pid)
-	return err == nil && st.Start == rec.Start && st.State != 'Z' && st.State != 'X'
-}
-
-func writeJSONAtomic(path string, v any) error {
+// writeRecord writes a record the library keeps in a bundle, atomically.
+func writeRecord(dir *owned.Dir, name string, v any) error {
 	data, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(data, '\n'), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return dir.WriteAtomic(name, append(data, '\n'), 0o644)
 }
 
-func readJSON(path string, v any) error {
-	data, err := os.ReadFile(path)
+// readRecord reads a record of the bundle: a regular file of the library's (owned by its euid),
+// bounded in size, decoded strictly.
+func readRecord(dir *owned.Dir, name string, v any) error {
+	data, err := dir.ReadFile(name, maxRecord)
 	if err != nil {
 		return err
 	}
-	if err := json.Unmarshal(data, v); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%s: %w", filepath.Join(dir.Path(), name), err)
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/follow"
+	"github.com/cellos/cellos-host-gvisor/internal/owned"
 )
 
 // cell is what the backend knows of one cell. The fields above the line are fixed once Create has
@@ -20,7 +21,8 @@ type cell struct {
 	ready  chan struct{} // closed when Create has finished, successfully or not
 	handle cellos.CellHandle
 
-	shim     *exec.Cmd // the shim when this process started it; nil for adopted cells
+	dir      *owned.Dir // the bundle directory, opened when the cell was created or found
+	shim     *exec.Cmd  // the shim when this process started it; nil for adopted cells
 	pid      pidRecord
 	follower *follow.Follower
 	memory   string // the memory cgroup directory, "" without limits
@@ -34,7 +36,8 @@ type cell struct {
 	status  cellos.ExitStatus
 	waitErr error
 
-	runscFailed bool // a teardown's runsc delete failed; set and read by the teardown only
+	runscFailed bool        // a teardown's runsc delete failed; set and read by the teardown only
+	killSent    atomic.Bool // a teardown has sent the cell SIGKILL
 
 	destroying bool          // guarded by tracker.mu
 	teardown   chan struct{} // guarded by tracker.mu; closed when Destroy has finished
