@@ -120,7 +120,7 @@ func (d *Dir) OpenFile(name string, flag int, perm os.FileMode) (*os.File, error
 		return nil, err
 	}
 	// O_NONBLOCK so that a FIFO planted as name cannot block the open; cleared once checked.
-	base := flag&^(unix.O_TRUNC|unix.O_CREAT|unix.O_EXCL) | unix.O_CLOEXEC
+	base := flag&^(unix.O_TRUNC|unix.O_CREAT|unix.O_EXCL) | unix.O_NOFOLLOW | unix.O_CLOEXEC | unix.O_NONBLOCK
 	mode, created := unixMode(perm), false
 	var fd int
 	if flag&unix.O_CREAT != 0 {
@@ -128,7 +128,7 @@ func (d *Dir) OpenFile(name string, flag int, perm os.FileMode) (*os.File, error
 		created = err == nil
 	}
 	if flag&unix.O_CREAT == 0 || (flag&unix.O_EXCL == 0 && errors.Is(err, unix.EEXIST)) {
-		fd, err = openat(d.fd, name, base)
+		fd, err = openat(d.fd, name, base, 0)
 	}
 	if err != nil {
 		return nil, openError(d.fd, path, name, err)
@@ -146,7 +146,7 @@ func (d *Dir) prepare(fd int, path string, flag int, created bool, mode uint32) 
 		if err := unix.Fchmod(fd, mode); err != nil {
 			return &fs.PathError{Op: "chmod", Path: path, Err: err}
 		}
-	} else if _, err := d.checkFile(fd, path); err != nil {
+	} else if err := d.checkFile(fd, path); err != nil {
 		return err
 	}
 	if flag&unix.O_NONBLOCK == 0 {
@@ -167,18 +167,18 @@ func (d *Dir) prepare(fd int, path string, flag int, created bool, mode uint32) 
 }
 
 // checkFile refuses anything but a regular file owned by the library's euid.
-func (d *Dir) checkFile(fd int, path string) (*unix.Stat_t, error) {
+func (d *Dir) checkFile(fd int, path string) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, &fs.PathError{Op: "stat", Path: path, Err: err}
+		return &fs.PathError{Op: "stat", Path: path, Err: err}
 	}
 	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG {
-		return nil, refuse(path, "is %s, not a regular file", typeName(t))
+		return refuse(path, "is %s, not a regular file", typeName(t))
 	}
 	if int(st.Uid) != d.euid {
-		return nil, refuse(path, "owned by uid %d, not by %d (the library's euid)", st.Uid, d.euid)
+		return refuse(path, "owned by uid %d, not by %d (the library's euid)", st.Uid, d.euid)
 	}
-	return &st, nil
+	return nil
 }
 
 func typeName(t uint32) string {
@@ -235,7 +235,7 @@ func (d *Dir) Lstat(name string) (unix.Stat_t, error) {
 
 // Entries returns the names in the directory, sorted.
 func (d *Dir) Entries() ([]string, error) {
-	fd, err := openat(d.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC)
+	fd, err := openat(d.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: d.path, Err: err}
 	}
@@ -316,12 +316,13 @@ func removeAll(parent int, parentDev uint64, path, name string) error {
 		}
 		return nil
 	}
-	// st_dev tells another file system; the mount-root attribute also a bind mount of the same.
+	// The mount-root attribute (Linux 5.8) tells any mount, a bind mount of the same file system
+	// too; st_dev, on older kernels, at least another file system.
 	dev := unix.Mkdev(sx.Dev_major, sx.Dev_minor)
 	if dev != parentDev || sx.Attributes&sx.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT != 0 {
 		return refuse(path, "is a mount point; unmount it first")
 	}
-	fd, err := openat(parent, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC)
+	fd, err := openat(parent, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return openError(parent, path, name, err)
 	}

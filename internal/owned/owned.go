@@ -51,7 +51,8 @@ const (
 )
 
 // Ensure opens the directory at the absolute path, creating what is missing: intermediate
-// directories with mode 0711, the last one with perm, exactly, whatever the umask.
+// directories with mode 0711, the last one with perm, exactly, whatever the umask. An existing
+// directory keeps its mode.
 func Ensure(path string, perm os.FileMode) (*Dir, error) {
 	if err := checkPerm(path, perm); err != nil {
 		return nil, err
@@ -93,7 +94,7 @@ func walk(path string, euid int, create bool, perm uint32) (*Dir, error) {
 		return nil, fmt.Errorf("%q is not an absolute path", path)
 	}
 	path = filepath.Clean(path)
-	fd, err := openat(unix.AT_FDCWD, "/", opathFlags)
+	fd, err := openat(unix.AT_FDCWD, "/", opathFlags, 0)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: "/", Err: err}
 	}
@@ -147,7 +148,7 @@ func openOrCreate(parent int, path, name string, create bool, mode uint32) (int,
 // openDirPath opens the directory name in parent as an O_PATH descriptor, never following a
 // symlink.
 func openDirPath(parent int, path, name string) (int, error) {
-	fd, err := openat(parent, name, opathFlags)
+	fd, err := openat(parent, name, opathFlags, 0)
 	if err != nil {
 		return -1, openError(parent, path, name, err)
 	}
@@ -168,7 +169,7 @@ func openError(parent int, path, name string, err error) error {
 
 // fchmodPath sets the mode of the directory behind an O_PATH descriptor, which fchmod refuses.
 func fchmodPath(fd int, mode uint32) error {
-	r, err := openat(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC)
+	r, err := openat(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
@@ -184,7 +185,7 @@ func finish(fd int, path string, euid int) (*Dir, error) {
 	if err != nil {
 		return nil, err
 	}
-	r, err := openat(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC)
+	r, err := openat(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
 	}
@@ -251,13 +252,9 @@ func unixMode(perm os.FileMode) uint32 {
 }
 
 // openat retries EINTR, which a network or FUSE file system may return.
-func openat(dirfd int, name string, flags int, mode ...uint32) (int, error) {
-	var m uint32
-	if len(mode) > 0 {
-		m = mode[0]
-	}
+func openat(dirfd int, name string, flags int, mode uint32) (int, error) {
 	for {
-		fd, err := unix.Openat(dirfd, name, flags, m)
+		fd, err := unix.Openat(dirfd, name, flags, mode)
 		if err != unix.EINTR {
 			return fd, err
 		}
