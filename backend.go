@@ -705,6 +705,9 @@ func (b *Backend) destroyClaimed(c *cell, done chan struct{}) (cellos.TeardownRe
 		err = cellos.NewError("destroy", c.id, cellos.ErrHost, err)
 	}
 	c.report, c.destroyErr = report, err
+	if c.dir != nil && report.Destroyed {
+		_ = c.dir.Close() // an operation still under way on it fails; it never reaches another file
+	}
 	close(done)
 	b.log.Info("cell destroyed", zap.String("cell", c.id), zap.Bool("destroyed", report.Destroyed),
 		zap.Duration("took", time.Since(start)), zap.Error(err))
@@ -730,6 +733,9 @@ func (b *Backend) teardown(c *cell) error {
 		}
 	}
 	pid := c.pid
+	if !c.created && !bundleIsDir {
+		c.runsc.NetNS = "" // no bundle, no control namespace: runsc's state is reached from here
+	}
 	if !c.created && bundleIsDir {
 		if dir == nil {
 			if dir, err = b.openBundle(c, root); err != nil {

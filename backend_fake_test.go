@@ -83,7 +83,9 @@ func fakeSetup(t *testing.T, opts ...Option) *fakeEnv {
 
 func (e *fakeEnv) newBackend(opts ...Option) *Backend {
 	e.t.Helper()
-	b, err := New(append([]Option{WithLogger(zaptest.NewLogger(e.t)), WithOutput(e.output)}, opts...)...)
+	// No default limits: the fake's cells are about runsc's command lines and exit paths; the
+	// limits a real cell gets by default are TestFakeDefaultLimits' subject.
+	b, err := New(append([]Option{WithLogger(zaptest.NewLogger(e.t)), WithOutput(e.output), WithDefaultResources(DefaultResources{})}, opts...)...)
 	require.NoError(e.t, err)
 	e.t.Cleanup(func() { _ = b.Close(context.Background()) }) // its spare shim; before requireNothingLeft
 	return b

@@ -301,7 +301,7 @@ func TestSpecRootReadonly(t *testing.T) {
 var (
 	procMount = specs.Mount{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}}
 	sysMount  = specs.Mount{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}}
-	tmpMount  = specs.Mount{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777"}}
+	tmpMount  = specs.Mount{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777", "size=536870912"}}
 )
 
 // hostMounts are the read-only binds of goldenHost: its directories and files, not its symlinks.

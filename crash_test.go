@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -56,8 +55,11 @@ func TestHelperSupervisor(t *testing.T) {
 		awaitSpare()
 		create("later", "echo before; sleep 3; echo after; exit 3")
 		awaitSpare()
+		spare := spareShims()[0]
 		create("long", "echo long; sleep 120")
 		awaitSpare() // unclaimed when the supervisor dies
+		fmt.Println("ready", spare) // the shim of "long"
+		select {}
 	}
 	fmt.Println("ready")
 	select {} // until killed
@@ -65,7 +67,7 @@ func TestHelperSupervisor(t *testing.T) {
 
 // startSupervisor runs the helper supervisor in a process group of its own and waits until it
 // has created its cells.
-func startSupervisor(t *testing.T, scenario, root string) *exec.Cmd {
+func startSupervisor(t *testing.T, scenario, root string) (*exec.Cmd, string) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperSupervisor$", "-test.count=1")
 	cmd.Env = append(os.Environ(), supervisorEnv+"="+scenario, "CELLOS_TEST_ROOT="+root)
@@ -76,8 +78,9 @@ func startSupervisor(t *testing.T, scenario, root string) *exec.Cmd {
 	require.NoError(t, err)
 	require.NoError(t, cmd.Start())
 	line, _ := bufio.NewReader(out).ReadString('\n')
-	require.Equal(t, "ready\n", line, "supervisor stderr: %s", stderr.String())
-	return cmd
+	rest, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "ready")
+	require.True(t, ok, "supervisor said %q; stderr: %s", line, stderr.String())
+	return cmd, strings.TrimSpace(rest)
 }
 
 // spareShims lists this process's unclaimed spare shims.
@@ -96,7 +99,7 @@ func spareShims() []int {
 		dir := filepath.Dir(st)
 		cmdline, _ := os.ReadFile(dir + "/cmdline")
 		cwd, _ := os.Readlink(dir + "/cwd")
-		if string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" && cwd == "/" {
+		if string(cmdline) == "cellos-gvisor-shim\x00" && cwd == "/" {
 			pid, _ := strconv.Atoi(filepath.Base(dir))
 			out = append(out, pid)
 		}
@@ -120,7 +123,8 @@ func spareOf(root string) bool {
 	for _, p := range procs {
 		cmdline, _ := os.ReadFile(p + "/cmdline")
 		environ, _ := os.ReadFile(p + "/environ")
-		if string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" &&
+		cwd, _ := os.Readlink(p + "/cwd")
+		if string(cmdline) == "cellos-gvisor-shim\x00" && cwd == "/" &&
 			bytes.Contains(environ, []byte("\x00CELLOS_TEST_ROOT="+root+"\x00")) {
 			if cwd, _ := os.Readlink(p + "/cwd"); cwd == "/" {
 				return true
@@ -130,36 +134,25 @@ func spareOf(root string) bool {
 	return false
 }
 
-// shimOf returns the pid bundle's shim.pid records when that process is the bundle's shim, and
-// whether it is a spare shim that serves the bundle rather than one started for it.
-func shimOf(bundle string) (pid int, spare bool) {
-	var rec pidRecordT
-	data, err := os.ReadFile(filepath.Join(bundle, "shim.pid"))
-	if err != nil || json.Unmarshal(data, &rec) != nil {
-		return 0, false
+// shimOf returns the pid of bundle's shim: the shim (or keeper) process working in the bundle
+// directory, or 0 when none runs.
+func shimOf(bundle string) int {
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, p := range procs {
+		cmdline, _ := os.ReadFile(p + "/cmdline")
+		cwd, _ := os.Readlink(p + "/cwd")
+		if (string(cmdline) == "cellos-gvisor-shim\x00" || string(cmdline) == "cellos-gvisor-pool\x00") && cwd == bundle {
+			pid, _ := strconv.Atoi(filepath.Base(p))
+			return pid
+		}
 	}
-	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", rec.Pid))
-	cwd, _ := os.Readlink(fmt.Sprintf("/proc/%d/cwd", rec.Pid))
-	switch {
-	case string(cmdline) == "cellos-gvisor-shim\x00"+bundle+"\x00":
-		return rec.Pid, false
-	case string(cmdline) == "cellos-gvisor-shim\x00--spare\x00" && cwd == bundle:
-		return rec.Pid, true
-	}
-	return 0, false
-}
-
-// spareServes reports whether bundle's cell runs under a spare shim.
-func spareServes(bundle string) bool {
-	_, spare := shimOf(bundle)
-	return spare
+	return 0
 }
 
 // shimPid finds the pid of a cell's shim, 0 when it does not run.
 func shimPid(t *testing.T, bundle string) int {
 	t.Helper()
-	pid, _ := shimOf(bundle)
-	return pid
+	return shimOf(bundle)
 }
 
 // childOf finds a child of pid.
@@ -176,21 +169,26 @@ func childOf(t *testing.T, pid int) int {
 func TestCrashSupervisorKilledThenRecover(t *testing.T) {
 	t.Parallel()
 	e := newRealEnv(t)
-	sup := startSupervisor(t, "crash", e.root)
+	sup, spare := startSupervisor(t, "crash", e.root)
 	require.True(t, spareOf(e.root), "the supervisor has an unclaimed spare shim")
 	// SIGKILL the supervisor's whole process group: a crash, or a Ctrl-C that nothing handles.
 	require.NoError(t, syscall.Kill(-sup.Process.Pid, syscall.SIGKILL))
 	_ = sup.Wait()
 
-	// Leftovers of an interrupted Create and a symlink planted in the bundle root.
+	// Leftovers of an interrupted Create (its marker is its first file), a directory the library
+	// did not make, and a symlink planted in the bundle root.
 	half := filepath.Join(e.root, "half")
 	require.NoError(t, os.Mkdir(half, 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(half, "cellos.json"), []byte(`{"protocol": 1, "cellId": "half"}`), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(half, "config.json"), []byte("{}"), 0o644))
+	foreign := filepath.Join(e.root, "foreign")
+	require.NoError(t, os.Mkdir(foreign, 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(foreign, "data"), []byte("not a cell"), 0o644))
 	victim := t.TempDir()
 	require.NoError(t, os.WriteFile(filepath.Join(victim, "precious"), []byte("keep me"), 0o644))
 	require.NoError(t, os.Symlink(victim, filepath.Join(e.root, "planted")))
 
-	assert.True(t, spareServes(filepath.Join(e.root, "long")), "the long cell runs under a spare shim")
+	assert.Equal(t, spare, strconv.Itoa(shimOf(filepath.Join(e.root, "long"))), "the long cell runs under a spare shim")
 	// The dead supervisor's unclaimed spare shim exits by itself.
 	require.Eventually(t, func() bool { return !spareOf(e.root) }, 10*time.Second, 20*time.Millisecond,
 		"the dead supervisor's spare shim still runs")
@@ -204,10 +202,16 @@ func TestCrashSupervisorKilledThenRecover(t *testing.T) {
 	rep, err := e.b.Recover(context.Background())
 	require.NoError(t, err)
 	assert.Equal(t, []string{"later", "long", "quick"}, rep.Adopted)
-	assert.Equal(t, []string{"half", "planted"}, rep.Cleaned)
+	assert.Equal(t, []string{"half"}, rep.Cleaned)
 	data, err := os.ReadFile(filepath.Join(victim, "precious"))
 	require.NoError(t, err, "the symlink's target must not be touched")
 	assert.Equal(t, "keep me", string(data))
+	// What is not the library's is skipped, never removed.
+	assert.FileExists(t, filepath.Join(foreign, "data"))
+	_, err = os.Lstat(filepath.Join(e.root, "planted"))
+	assert.NoError(t, err, "the planted symlink is left alone")
+	require.NoError(t, os.RemoveAll(foreign))
+	require.NoError(t, os.Remove(filepath.Join(e.root, "planted")))
 
 	st, err := e.b.WaitForExit(context.Background(), "quick")
 	require.NoError(t, err)
@@ -286,9 +290,10 @@ func TestSpareShim(t *testing.T) {
 	require.Eventually(t, func() bool { return len(spareShims()) == 1 }, 30*time.Second, 5*time.Millisecond,
 		"a spare shim after a cell exited")
 
+	spare := spareShims()[0]
 	h := e.create(sh("spared", "echo from the spare; echo err >&2; exit 7"))
 	bundle := filepath.Join(e.root, "spared")
-	assert.True(t, spareServes(bundle), "the cell was handed to the spare shim")
+	assert.Equal(t, spare, shimPid(t, bundle), "the cell was handed to the spare shim")
 	st, err = e.b.WaitForExit(context.Background(), h.CellID)
 	require.NoError(t, err)
 	assert.Equal(t, cellos.ExitStatus{Code: 7, Reason: cellos.ExitExited}, st)
@@ -311,7 +316,6 @@ func TestSpareShim(t *testing.T) {
 	assert.Empty(t, spareShims(), "Close ends the spare shim")
 	h = e.create(sh("closed", "sleep 0.2"))
 	assert.NotZero(t, shimPid(t, filepath.Join(e.root, "closed")))
-	assert.False(t, spareServes(filepath.Join(e.root, "closed")))
 	_, err = e.b.WaitForExit(context.Background(), h.CellID)
 	require.NoError(t, err)
 	time.Sleep(100 * time.Millisecond)

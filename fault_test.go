@@ -29,7 +29,7 @@ func mountTmpfs(t *testing.T, size string, flags uintptr) string {
 		t.Skip("mounting a tmpfs needs root")
 	}
 	dir := t.TempDir()
-	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", flags, "size="+size))
+	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", flags, "size="+size+",mode=0711"))
 	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
 	return dir
 }
@@ -55,7 +55,15 @@ func TestFaultBundleRootFull(t *testing.T) {
 	require.NoError(t, err)
 	_, _ = filler.Write(make([]byte, 1<<20)) // fails with ENOSPC once full
 	filler.Close()
-	b, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()))
+	// Below the free-space floor, Create refuses before it writes anything.
+	floor, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = floor.Close(context.Background()) })
+	_, err = floor.Create(context.Background(), sh("full", "true"))
+	require.ErrorIs(t, err, cellos.ErrHost)
+	assert.Contains(t, err.Error(), "below the floor")
+	// Without a floor, the full filesystem itself fails the Create, which removes what it wrote.
+	b, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()), gvisor.WithMinFreeSpace(0))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	_, err = b.Create(context.Background(), sh("full", "true"))
@@ -312,8 +320,9 @@ func TestFaultTwoHundredCells(t *testing.T) {
 	goleak.VerifyNone(t, goleakOpts)
 }
 
-// Cgroup paths are host-wide (/cellos/<id>) while ids are unique per bundle root: tearing down a
-// cell of one root must not touch the cgroups of a same-named cell of another.
+// Ids are unique per bundle root, cgroup paths host-wide: a cell's cgroups are named after its
+// runsc id (bundle root and cell id), so tearing down a cell of one root never touches the
+// cgroups of a same-named cell of another.
 func TestFaultSameIDOtherRootKeepsCgroups(t *testing.T) {
 	t.Parallel()
 	a, b := newRealEnv(t), newRealEnv(t)
@@ -326,7 +335,8 @@ func TestFaultSameIDOtherRootKeepsCgroups(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, cellos.ExitExited, st.Reason)
 	a.destroy(cellos.CellHandle{CellID: "shared-id-cg"})
-	assert.NotEmpty(t, cgroupDirs("shared-id-cg"), "the other root's cgroups were removed")
+	assert.NotEmpty(t, b.cgroupDirs("shared-id-cg"), "the other root's cgroups were removed")
+	assert.Empty(t, a.cgroupDirs("shared-id-cg"), "the destroyed cell's cgroups are gone")
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	_, err = b.b.WaitForExit(ctx, h.CellID)

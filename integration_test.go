@@ -180,8 +180,14 @@ func (e *realEnv) assertNothingLeft() {
 		"left behind: %v", e.leftovers())
 }
 
-// cgroupDirs lists cgroup directories of a cell id in every hierarchy.
-func cgroupDirs(id string) []string {
+// cgroupDirs lists the cgroup directories of cell id of this env's root in every hierarchy: they
+// are named after its runsc id.
+func (e *realEnv) cgroupDirs(id string) []string {
+	return cgroupDirsNamed(gvisor.RunscID(e.root, id))
+}
+
+// cgroupDirsNamed lists the cgroup directories called name under the library's parent.
+func cgroupDirsNamed(id string) []string {
 	var out []string
 	for _, pattern := range []string{"/sys/fs/cgroup/*/cellos/" + id, "/sys/fs/cgroup/cellos/" + id} {
 		m, _ := filepath.Glob(pattern)
@@ -316,9 +322,9 @@ func TestRealDestroyRunningLeavesNothing(t *testing.T) {
 	h, err := e.b.Create(context.Background(), d)
 	require.NoError(t, err)
 	require.NotNil(t, h.CgroupPath)
-	assert.Equal(t, "/cellos/destroy-me", *h.CgroupPath)
+	assert.Equal(t, "/cellos/"+gvisor.RunscID(e.root, "destroy-me"), *h.CgroupPath)
 	require.Eventually(t, func() bool { return e.out("destroy-me").stdout.String() == "started\n" }, 10*time.Second, 10*time.Millisecond)
-	assert.NotEmpty(t, cgroupDirs("destroy-me"))
+	assert.NotEmpty(t, e.cgroupDirs("destroy-me"))
 	waited := make(chan cellos.ExitStatus, 1)
 	go func() {
 		st, _ := e.b.WaitForExit(context.Background(), h.CellID)
@@ -329,7 +335,7 @@ func TestRealDestroyRunningLeavesNothing(t *testing.T) {
 	assert.Equal(t, cellos.TeardownReport{CellID: "destroy-me", Destroyed: true, PeersTrackedAfter: 0}, rep)
 	assert.Equal(t, cellos.ExitDestroyed, (<-waited).Reason)
 	assert.Empty(t, e.leftovers())
-	assert.Empty(t, cgroupDirs("destroy-me"))
+	assert.Empty(t, e.cgroupDirs("destroy-me"))
 	// Idempotent.
 	rep, err = e.b.Destroy(context.Background(), h)
 	require.NoError(t, err)

@@ -327,9 +327,9 @@ while time.time() < end:
 		elapsed := time.Since(start)
 		require.NoError(t, err)
 		require.Equal(t, cellos.ExitExited, st.Reason)
-		usage, err := os.ReadFile("/sys/fs/cgroup/cpuacct/cellos/" + id + "/cpuacct.usage")
+		usage, err := os.ReadFile("/sys/fs/cgroup/cpuacct" + *h.CgroupPath + "/cpuacct.usage")
 		if os.IsNotExist(err) {
-			usage, err = os.ReadFile("/sys/fs/cgroup/cpu,cpuacct/cellos/" + id + "/cpuacct.usage")
+			usage, err = os.ReadFile("/sys/fs/cgroup/cpu,cpuacct" + *h.CgroupPath + "/cpuacct.usage")
 		}
 		require.NoError(t, err)
 		ns, err := strconv.ParseInt(strings.TrimSpace(string(usage)), 10, 64)
@@ -351,15 +351,15 @@ func TestIsolationCgroupsRemoved(t *testing.T) {
 	h := e.create(d)
 	_, err := e.b.WaitForExit(context.Background(), h.CellID)
 	require.NoError(t, err)
-	assert.NotEmpty(t, cgroupDirs("cg-gone"), "the library keeps the cell's cgroups until Destroy")
-	limit, err := os.ReadFile("/sys/fs/cgroup/memory/cellos/cg-gone/memory.limit_in_bytes")
+	assert.NotEmpty(t, e.cgroupDirs("cg-gone"), "the library keeps the cell's cgroups until Destroy")
+	limit, err := os.ReadFile("/sys/fs/cgroup/memory" + *h.CgroupPath + "/memory.limit_in_bytes")
 	require.NoError(t, err)
 	assert.Equal(t, strconv.Itoa(128<<20), strings.TrimSpace(string(limit)))
-	quota, err := os.ReadFile("/sys/fs/cgroup/cpu/cellos/cg-gone/cpu.cfs_quota_us")
+	quota, err := os.ReadFile("/sys/fs/cgroup/cpu" + *h.CgroupPath + "/cpu.cfs_quota_us")
 	require.NoError(t, err)
 	assert.Equal(t, "50000", strings.TrimSpace(string(quota)))
 	e.destroy(h)
-	assert.Empty(t, cgroupDirs("cg-gone"))
+	assert.Empty(t, e.cgroupDirs("cg-gone"))
 }
 
 func TestIsolationRefusedLimits(t *testing.T) {

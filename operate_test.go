@@ -250,7 +250,7 @@ func TestOperateStatsMemory(t *testing.T) {
 	for _, limits := range []bool{false, true} {
 		t.Run(fmt.Sprintf("cgroups=%v", limits), func(t *testing.T) {
 			t.Parallel()
-			e := newRealEnv(t)
+			e := newRealEnv(t, gvisor.WithDefaultResources(gvisor.DefaultResources{})) // no limits unless declared
 			d := doc(fmt.Sprintf("op-mem-cg%v-%d", limits, os.Getpid()), "/usr/bin/python3", "-c", allocScript)
 			if limits {
 				d.Spec.Resources = &cellos.ResourceSpec{MemoryBytes: 512 << 20}
@@ -364,7 +364,7 @@ func TestOperateDestroyPausedLeavesNothing(t *testing.T) {
 	assert.Less(t, took, 4*time.Second, "Destroy of a paused cell (killing it without resuming takes 5 s and more)")
 	assert.Equal(t, cellos.ExitDestroyed, (<-waited).Reason)
 	assert.Empty(t, e.leftovers())
-	assert.Empty(t, cgroupDirs(h.CellID))
+	assert.Empty(t, e.cgroupDirs(h.CellID))
 }
 
 func TestOperatePausedCellTTL(t *testing.T) {

@@ -89,7 +89,7 @@ func TestPooledProcessFile(t *testing.T) {
 	var marker bundleMarker
 	assert.NoError(t, readJSON(dir+"/"+fileMarker, &marker))
 	assert.Equal(t, "x", marker.CellID)
-	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--overlay2=none",
+	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--ignore-cgroups", "--overlay2=none",
 		"exec", "--process", "/b/process.json", "--internal-pid-file", "/b/workload.pid", e.runscID}, cfg.runscArgs("/b"))
 }
 

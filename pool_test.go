@@ -43,12 +43,11 @@ func (e *realEnv) awaitIdle(n int) {
 		"pool: %+v", e.b.PoolStats())
 }
 
-// poolRecord is what a pooled cell's shim.json says of its sandbox.
+// poolRecord is what a pooled cell's shim.json (the copy of its shim's request, for operators)
+// says of its sandbox.
 type poolRecord struct {
 	RunscID string `json:"runscId"`
-	Pool    *struct {
-		Keeper string `json:"keeper"`
-	} `json:"pool"`
+	Pool    bool   `json:"pool"`
 }
 
 func (e *realEnv) shimRecord(id string) poolRecord {
@@ -63,7 +62,7 @@ func (e *realEnv) shimRecord(id string) poolRecord {
 // pooled reports whether the cell runs (or ran) in a pool sandbox: its shim.json says so.
 func (e *realEnv) pooled(id string) bool {
 	e.t.Helper()
-	return e.shimRecord(id).Pool != nil
+	return e.shimRecord(id).Pool
 }
 
 // createPooled creates d in a pool sandbox: it waits for one to be idle first.
@@ -95,17 +94,20 @@ func (e *realEnv) probePooled(d *cellos.ExecutionCellDocument) string {
 }
 
 // cellLeftovers lists what of one (pooled) cell is still on the host: processes naming its
-// bundle, its sandbox or its keeper's pool directory, runsc state of its sandbox, its bundle.
+// bundle or its sandbox or working in its bundle (its keeper), runsc state of its sandbox, its
+// bundle.
 func (e *realEnv) cellLeftovers(id string, rec poolRecord) []string {
 	var left []string
-	needles := [][]byte{[]byte(filepath.Join(e.root, id) + "\x00"), []byte(rec.RunscID)}
-	if rec.Pool != nil {
-		needles = append(needles, []byte(rec.Pool.Keeper))
-	}
+	bundle := filepath.Join(e.root, id)
+	needles := [][]byte{[]byte(bundle + "\x00"), []byte(rec.RunscID)}
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		data, err := os.ReadFile(p)
 		if err != nil {
+			continue
+		}
+		if cwd, _ := os.Readlink(filepath.Join(filepath.Dir(p), "cwd")); cwd == bundle {
+			left = append(left, "process "+strings.ReplaceAll(string(data), "\x00", " "))
 			continue
 		}
 		for _, n := range needles {
@@ -133,7 +135,8 @@ func (e *realEnv) keepers() []int {
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		data, err := os.ReadFile(p)
-		if err == nil && bytes.HasPrefix(data, []byte("cellos-gvisor-pool\x00"+filepath.Join(e.root, ".pool")+"/")) {
+		cwd, _ := os.Readlink(filepath.Join(filepath.Dir(p), "cwd"))
+		if err == nil && string(data) == "cellos-gvisor-pool\x00" && strings.HasPrefix(cwd, e.root+"/") {
 			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
 			out = append(out, pid)
 		}
@@ -278,7 +281,8 @@ func TestPoolDestroyAndWaiters(t *testing.T) {
 	e := newPoolEnv(t, 1)
 	h := e.createPooled(sh("pool-destroy", "echo started; sleep 60"))
 	rec := e.shimRecord(h.CellID)
-	require.Nil(t, h.CgroupPath)
+	require.NotNil(t, h.CgroupPath, "a pooled cell has its sandbox's cgroups, with the default limits")
+	require.Equal(t, "/cellos/"+rec.RunscID, *h.CgroupPath)
 	e.waitOutput(h.CellID, hasLine("started"))
 	var wg sync.WaitGroup
 	results := make([]cellos.ExitStatus, 4)
@@ -565,12 +569,10 @@ func TestPoolCrashSupervisorKilledThenRecover(t *testing.T) {
 	require.Len(t, idle, 2)
 	// One idle keeper dies with the supervisor (killed too: it can delete nothing), the other
 	// sees its supervisor gone and deletes its sandbox; Recover removes what is left of both.
-	var victim pidRecordT
-	data, err := os.ReadFile(filepath.Join(e.root, ".pool", idle[0].Name(), "keeper.pid"))
-	require.NoError(t, err)
-	require.NoError(t, json.Unmarshal(data, &victim))
+	victim := shimOf(filepath.Join(e.root, ".pool", idle[0].Name()))
+	require.NotZero(t, victim, "the idle keeper works in its pool directory")
 	require.NoError(t, syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL))
-	require.NoError(t, syscall.Kill(victim.Pid, syscall.SIGKILL))
+	require.NoError(t, syscall.Kill(victim, syscall.SIGKILL))
 	_ = cmd.Wait()
 
 	// The pooled cells went on without their supervisor.
@@ -618,12 +620,6 @@ func TestPoolCrashSupervisorKilledThenRecover(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, rep.Adopted)
 	assert.Empty(t, rep.Cleaned)
-}
-
-// pidRecordT is the JSON of a keeper.pid or shim.pid file.
-type pidRecordT struct {
-	Pid   int    `json:"pid"`
-	Start uint64 `json:"start"`
 }
 
 func TestWithWarmPoolSize(t *testing.T) {

@@ -388,8 +388,12 @@ func buildMountsReference(s *cellos.CellSpec, host []HostEntry) []specs.Mount {
 		tmpDeclared = tmpDeclared || m.Destination == "/tmp"
 	}
 	if !tmpDeclared {
+		size := int64(DefaultTmpSize)
+		if s.Resources != nil && s.Resources.MemoryBytes > 0 {
+			size = s.Resources.MemoryBytes
+		}
 		ms = append(ms, specs.Mount{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs",
-			Options: []string{"nosuid", "nodev", "mode=1777"}})
+			Options: []string{"nosuid", "nodev", "mode=1777", "size=" + strconv.FormatInt(size, 10)}})
 	}
 	for _, m := range s.Mounts {
 		mode := "rw"

@@ -29,6 +29,8 @@ func (d *Dir) child(name string) (string, error) {
 // Mkdir creates the directory name with mode perm exactly and opens it. An existing entry gives
 // an error that matches fs.ErrExist.
 func (d *Dir) Mkdir(name string, perm os.FileMode) (*Dir, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	path, err := d.child(name)
 	if err != nil {
 		return nil, err
@@ -64,6 +66,8 @@ func (d *Dir) MkdirTemp(prefix string, perm os.FileMode) (*Dir, error) {
 
 // OpenDir opens the existing directory name, which must pass the checks.
 func (d *Dir) OpenDir(name string) (*Dir, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	path, err := d.child(name)
 	if err != nil {
 		return nil, err
@@ -86,7 +90,7 @@ func (d *Dir) WriteFile(name string, data []byte, perm os.FileMode) error {
 		err = cerr
 	}
 	if err != nil {
-		_ = unix.Unlinkat(d.fd, name, 0)
+		_ = d.Remove(name)
 	}
 	return err
 }
@@ -104,8 +108,11 @@ func (d *Dir) WriteAtomic(name string, data []byte, perm os.FileMode) error {
 	if err := d.WriteFile(tmp, data, perm); err != nil {
 		return err
 	}
-	if err := unix.Renameat(d.fd, tmp, d.fd, name); err != nil {
-		_ = unix.Unlinkat(d.fd, tmp, 0)
+	d.mu.RLock()
+	err := unix.Renameat(d.fd, tmp, d.fd, name)
+	d.mu.RUnlock()
+	if err != nil {
+		_ = d.Remove(tmp)
 		return &fs.PathError{Op: "rename", Path: filepath.Join(d.path, name), Err: err}
 	}
 	return nil
@@ -115,6 +122,8 @@ func (d *Dir) WriteAtomic(name string, data []byte, perm os.FileMode) error {
 // file must be a regular file owned by the library's euid; it is checked before O_TRUNC empties
 // it. A file it creates gets mode perm exactly.
 func (d *Dir) OpenFile(name string, flag int, perm os.FileMode) (*os.File, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	path, err := d.child(name)
 	if err != nil {
 		return nil, err
@@ -222,6 +231,8 @@ func (d *Dir) ReadFile(name string, max int64) ([]byte, error) {
 
 // Lstat returns the status of the entry name, not following a symlink.
 func (d *Dir) Lstat(name string) (unix.Stat_t, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	var st unix.Stat_t
 	path, err := d.child(name)
 	if err != nil {
@@ -235,6 +246,8 @@ func (d *Dir) Lstat(name string) (unix.Stat_t, error) {
 
 // Entries returns the names in the directory, sorted.
 func (d *Dir) Entries() ([]string, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	fd, err := openat(d.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: d.path, Err: err}
@@ -248,6 +261,8 @@ func (d *Dir) Entries() ([]string, error) {
 
 // Symlink creates the symlink name pointing at target.
 func (d *Dir) Symlink(target, name string) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	path, err := d.child(name)
 	if err != nil {
 		return err
@@ -267,6 +282,12 @@ func (d *Dir) Rename(old string, to *Dir, new string) error {
 	if _, err := to.child(new); err != nil {
 		return err
 	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if to != d {
+		to.mu.RLock()
+		defer to.mu.RUnlock()
+	}
 	if err := unix.Renameat2(d.fd, old, to.fd, new, unix.RENAME_NOREPLACE); err != nil {
 		return &os.LinkError{Op: "rename", Old: path, New: filepath.Join(to.path, new), Err: err}
 	}
@@ -275,6 +296,8 @@ func (d *Dir) Rename(old string, to *Dir, new string) error {
 
 // Remove removes the entry name: a file, a symlink (not what it points to), an empty directory.
 func (d *Dir) Remove(name string) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	path, err := d.child(name)
 	if err != nil {
 		return err
@@ -293,6 +316,8 @@ func (d *Dir) Remove(name string) error {
 // symlink. It refuses to descend into a mount point: the caller unmounts it first. It removes
 // what it can and returns the first error; a missing name is not one.
 func (d *Dir) RemoveAll(name string) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	path, err := d.child(name)
 	if err != nil {
 		return err

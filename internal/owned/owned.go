@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,6 +40,9 @@ func refuse(path, format string, args ...any) error {
 // Dir is an open directory that passed the checks. Its methods are safe for concurrent use,
 // except Close.
 type Dir struct {
+	// mu is held (shared) by every operation on fd and exclusively by Close: a Dir closed while
+	// another goroutine uses it makes that use fail, never act on a reused descriptor number.
+	mu       sync.RWMutex
 	fd       int // O_RDONLY|O_DIRECTORY
 	path     string
 	euid     int
@@ -272,6 +276,8 @@ func (d *Dir) Ident() (dev, ino uint64) { return d.dev, d.ino }
 
 // Close closes the directory's descriptor.
 func (d *Dir) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.fd < 0 {
 		return &fs.PathError{Op: "close", Path: d.path, Err: fs.ErrClosed}
 	}
@@ -287,6 +293,8 @@ func (d *Dir) Close() error {
 // directory open in d, and that d still passes them: a directory exchanged for another
 // (renameat2 RENAME_EXCHANGE) since it was opened is refused as replaced.
 func (d *Dir) Verify() error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	if _, err := checkDir(d.fd, d.path, d.euid, false); err != nil {
 		return err
 	}
