@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -34,9 +35,11 @@ type Backend struct {
 	cells *tracker
 	root  bool // the library runs as root
 
-	probed probeLog  // the runsc binaries whose probe this Backend has logged (probe.go)
-	pool   *warmPool // WithWarmPool's idle sandboxes (pool.go); nil without
-	spares spares    // the shim started ahead of the next Create (spare.go)
+	probed probeLog       // the runsc binaries whose probe this Backend has logged (probe.go)
+	ctl    controlProbes  // which runsc binaries serve abstract control sockets (control.go)
+	wg     sync.WaitGroup // the goroutines the Backend started; Close waits for them
+	pool   *warmPool      // WithWarmPool's idle sandboxes (pool.go); nil without
+	spares spares         // the shim started ahead of the next Create (spare.go)
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -204,6 +207,9 @@ func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCe
 		return cellos.CellHandle{}, cellos.NewError(op, s.ID, cellos.ErrHost, loc.runscErr)
 	}
 	if err := b.useRuntime(ctx, s, &loc); err != nil { // probes the binary once, then cached
+		return cellos.CellHandle{}, relabel(err, op)
+	}
+	if err := b.checkControlSockets(ctx, s.ID, loc); err != nil {
 		return cellos.CellHandle{}, relabel(err, op)
 	}
 	nw, err := b.planNetwork(ctx, s, loc) // nil, at no cost, for a cell without egress rules
@@ -777,7 +783,7 @@ func (b *Backend) teardown(c *cell) error {
 		}
 	}
 	b.releaseStateRoot(c.runsc) // current runsc's pinned null-netns, once no container is left
-	if b.cg != nil { // the cell's own: the path is its runsc id, unique to this bundle root
+	if b.cg != nil {            // the cell's own: the path is its runsc id, unique to this bundle root
 		if left, err := b.cg.Remove(p.runscID, cgroupRmTimout); err != nil {
 			errs = append(errs, fmt.Errorf("cgroups left (%s): %w", strings.Join(left, ", "), err))
 		}

@@ -457,6 +457,9 @@ func (p *warmPool) fill(ctx context.Context) (*warmEntry, error) {
 	if err := b.useRuntime(ctx, &idle.Spec, &loc); err != nil {
 		return nil, err
 	}
+	if err := b.checkControlSockets(ctx, "", loc); err != nil {
+		return nil, err
+	}
 	key := warmKey(loc.root, loc.runsc)
 	p.retire(key)
 	root, err := openRoots(loc)

@@ -250,4 +250,3 @@ func childPids() []int {
 	}
 	return out
 }
-
