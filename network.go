@@ -36,7 +36,8 @@ import (
 // Kubernetes (10.96.0.0/12 services, 10.244/16 flannel, 10.42–43/16 k3s), libvirt
 // (192.168.122/24), cloud default VPCs (172.31/16, 10.0/16, GCP's 10.128/9) — and it stays out of
 // 100.64.0.0/10, which Tailscale and carrier-grade NAT use. A /30 that overlaps any address or
-// route of the host is skipped anyway, so a collision with a network the host knows costs
+// route of the host is skipped anyway (a leak guard such as `ip route add unreachable 10.0.0.0/8`
+// excepted: the /30's own route overrides it), so a collision with a network the host knows costs
 // nothing; choose another pool when cells must reach destinations inside 10.77/16.
 const DefaultCellNetwork = "10.77.0.0/16"
 

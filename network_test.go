@@ -673,6 +673,37 @@ func TestEgressTeardownFromAnotherBackend(t *testing.T) {
 	_, _ = other.Destroy(context.Background(), h) // forget it there; nothing is left to remove
 }
 
+// TestEgressGuardRoutesLeavePoolUsable: a leak guard covering the cell network — an
+// unreachable, blackhole or prohibit route — does not take it: the cell's /30 route is more
+// specific, and the cell's traffic and its replies pass.
+func TestEgressGuardRoutesLeavePoolUsable(t *testing.T) {
+	e, _ := newEgressEnv(t)
+	h0 := nettest.NewHost(t, 0)
+	h0.ServeTCP(8080)
+	pool := nettest.CellPool.String()
+	const connect = `import socket, sys
+try: print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(100).decode().strip())
+except OSError as e: print(type(e).__name__, e)`
+	for _, typ := range []string{"unreachable", "blackhole", "prohibit"} {
+		nettest.Run(t, "ip", "route", "add", typ, pool)
+		t.Cleanup(func() { _ = exec.Command("ip", "route", "del", typ, pool).Run() })
+		id := "guard-" + typ
+		d := doc(id, "/usr/bin/python3", "-c", connect, h0.Addr.String(), "8080")
+		d.Spec.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{tcp(h0.Addr.String(), 8080)}}
+		st, err := e.run(d)
+		require.NoError(t, err, typ)
+		assert.Equal(t, cellos.ExitStatus{Code: 0, Reason: cellos.ExitExited}, st, typ)
+		assert.Equal(t, "hello 8080\n", e.out(id).stdout.String(), "%s: stderr %s", typ, e.out(id).stderr.String())
+		n, err := e.b.NetworkOf(id)
+		require.NoError(t, err)
+		require.NotNil(t, n)
+		assert.True(t, nettest.CellPool.Contains(n.CellAddress.Addr()), "%s: %v", typ, n.CellAddress)
+		e.destroy(cellos.CellHandle{CellID: id})
+		nettest.Run(t, "ip", "route", "del", typ, pool)
+	}
+	assert.Len(t, h0.Conns(8080), 3)
+}
+
 // The supervisor of TestEgressSupervisorKilledThenRecover is this test binary, re-executed (as
 // in crash_test.go): it creates two cells with egress rules and waits to be killed.
 const netSupervisorEnv = "CELLOS_TEST_NET_SUPERVISOR"

@@ -28,7 +28,9 @@
 // NetnsDir), so that concurrent cells of any number of processes never pick the same addresses
 // and the shared table is removed only when the last cell is gone. The host's own addresses and
 // routes are the registry of what is in use: a /30 that overlaps any address or route of the host
-// (another cell's, another Backend's, the operator's) is skipped.
+// (another cell's, another Backend's, the operator's) is skipped — but for a leak guard (an
+// unreachable, blackhole or prohibit route of the main table) covering it, which the /30's own,
+// more specific route overrides (see claims).
 package netcell
 
 import (
@@ -134,11 +136,11 @@ func Setup(ctx context.Context, spec Spec, record func(*Cell) error) (*Cell, err
 	} else if found {
 		return nil, fmt.Errorf("interface %s: %w", c.HostIf, ErrExists)
 	}
-	used, err := usedPrefixes(h)
+	hn, err := readHostNet(h)
 	if err != nil {
 		return nil, err
 	}
-	slot, ok := freeSlot(spec.Pool, used)
+	slot, ok := freeSlot(spec.Pool, hn.claims())
 	if !ok {
 		return nil, fmt.Errorf("no free /30 left in the cell network %s (every one overlaps an address or route of the host)", spec.Pool)
 	}

@@ -3,6 +3,7 @@ package netcell
 import (
 	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/internal/nettest"
 )
@@ -20,31 +22,89 @@ func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
 func TestNetworkFreeSlot(t *testing.T) {
 	pool := pfx("10.77.0.0/28") // four /30s
+	claims := func(ps ...string) []claim {
+		var out []claim
+		for _, p := range ps {
+			out = append(out, claim{prefix: pfx(p)})
+		}
+		return out
+	}
+	guard := func(p string) claim { return claim{prefix: pfx(p), guard: true} }
 	for _, tc := range []struct {
-		used []netip.Prefix
-		want string
-		ok   bool
+		claims []claim
+		want   string // "" for none free
 	}{
-		{nil, "10.77.0.0/30", true},
-		{[]netip.Prefix{pfx("10.77.0.1/32"), pfx("10.77.0.0/30")}, "10.77.0.4/30", true},
-		{[]netip.Prefix{pfx("10.77.0.6/32")}, "10.77.0.0/30", true},
-		{[]netip.Prefix{pfx("10.77.0.0/29")}, "10.77.0.8/30", true},
-		{[]netip.Prefix{pfx("10.0.0.0/8")}, "", false}, // the host routes all of it elsewhere
-		{[]netip.Prefix{pfx("10.77.0.0/30"), pfx("10.77.0.13/32"), pfx("10.77.0.4/31"), pfx("10.77.0.9/32")}, "", false},
-		{[]netip.Prefix{pfx("192.0.2.0/24"), pfx("10.78.0.0/16")}, "10.77.0.0/30", true}, // outside the pool
+		{nil, "10.77.0.0/30"},
+		{claims("10.77.0.1/32", "10.77.0.0/30"), "10.77.0.4/30"},
+		{claims("10.77.0.6/32"), "10.77.0.0/30"},
+		{claims("10.77.0.0/29"), "10.77.0.8/30"},
+		{claims("10.0.0.0/8"), ""}, // the host routes all of it elsewhere
+		{claims("10.77.0.0/30", "10.77.0.13/32", "10.77.0.4/31", "10.77.0.9/32"), ""},
+		{claims("192.0.2.0/24", "10.78.0.0/16"), "10.77.0.0/30"}, // outside the pool
+		// A leak guard covering the /30 is overridden by the /30's own route...
+		{[]claim{guard("10.0.0.0/8")}, "10.77.0.0/30"},
+		{[]claim{guard("10.77.0.0/28"), guard("10.77.0.0/29")}, "10.77.0.0/30"},
+		// ...but one at least as specific as the /30 would take (part of) it.
+		{[]claim{guard("10.77.0.0/30"), guard("10.77.0.5/32"), guard("10.77.0.0/8")}, "10.77.0.8/30"},
+		{[]claim{guard("10.0.0.0/8"), {prefix: pfx("10.77.0.0/29")}}, "10.77.0.8/30"},
 	} {
-		got, ok := freeSlot(pool, tc.used)
-		require.Equal(t, tc.ok, ok, "%v", tc.used)
+		got, ok := freeSlot(pool, tc.claims)
+		require.Equal(t, tc.want != "", ok, "%v", tc.claims)
 		if ok {
-			assert.Equal(t, tc.want, got.String(), "%v", tc.used)
+			assert.Equal(t, tc.want, got.String(), "%v", tc.claims)
 		}
 	}
 	got, ok := freeSlot(pfx("198.51.100.252/30"), nil)
 	require.True(t, ok)
 	assert.Equal(t, "198.51.100.252/30", got.String())
-	got, ok = freeSlot(pfx("10.0.0.0/8"), []netip.Prefix{pfx("10.0.0.0/9")})
+	got, ok = freeSlot(pfx("10.0.0.0/8"), claims("10.0.0.0/9"))
 	require.True(t, ok)
 	assert.Equal(t, "10.128.0.0/30", got.String())
+}
+
+// Which of the host's addresses and routes claim a cell's /30.
+func TestNetworkClaims(t *testing.T) {
+	const main, local, other = unix.RT_TABLE_MAIN, unix.RT_TABLE_LOCAL, 100
+	pool := pfx("10.77.0.0/16")
+	for _, tc := range []struct {
+		name  string
+		n     hostNet
+		want  string // the first free /30; "" for none
+		guard bool   // the claim in the pool is a guard
+	}{
+		{name: "nothing", want: "10.77.0.0/30"},
+		{name: "an address's /32 and its network", n: hostNet{addrs: []ifAddr{{pfx("10.77.0.1/29"), "eth1"}, {pfx("10.77.0.9/32"), "lo"}}}, want: "10.77.0.12/30"},
+		{name: "an address whose network covers the pool", n: hostNet{addrs: []ifAddr{{pfx("10.1.2.3/8"), "eth1"}}}},
+		{name: "a default route says nothing", n: hostNet{routes: []route{{pfx("0.0.0.0/0"), unix.RTN_UNICAST, main}, {pfx("0.0.0.0/0"), unix.RTN_UNREACHABLE, other}}}, want: "10.77.0.0/30"},
+		{name: "unreachable covering the pool", n: hostNet{routes: []route{{pfx("10.0.0.0/8"), unix.RTN_UNREACHABLE, main}}}, want: "10.77.0.0/30", guard: true},
+		{name: "blackhole equal to the pool", n: hostNet{routes: []route{{pfx("10.77.0.0/16"), unix.RTN_BLACKHOLE, main}}}, want: "10.77.0.0/30", guard: true},
+		{name: "prohibit covering the first /30s", n: hostNet{routes: []route{{pfx("10.77.0.0/29"), unix.RTN_PROHIBIT, main}}}, want: "10.77.0.0/30", guard: true},
+		{name: "a guard as specific as a /30", n: hostNet{routes: []route{{pfx("10.77.0.0/30"), unix.RTN_BLACKHOLE, main}, {pfx("10.77.0.4/32"), unix.RTN_UNREACHABLE, main}}}, want: "10.77.0.8/30", guard: true},
+		{name: "a guard in another table may be consulted first", n: hostNet{routes: []route{{pfx("10.0.0.0/8"), unix.RTN_UNREACHABLE, other}}}},
+		{name: "a unicast route covering the pool routes it elsewhere", n: hostNet{routes: []route{{pfx("10.0.0.0/8"), unix.RTN_UNICAST, main}}}},
+		{name: "a unicast route inside the pool", n: hostNet{routes: []route{{pfx("10.77.0.0/31"), unix.RTN_UNICAST, other}}}, want: "10.77.0.4/30"},
+		{name: "a local route covering the pool: the host's own", n: hostNet{routes: []route{{pfx("10.77.0.0/16"), unix.RTN_LOCAL, local}}}},
+		{name: "a throw route is no guard", n: hostNet{routes: []route{{pfx("10.0.0.0/8"), unix.RTN_THROW, main}}}},
+		{name: "another cell's link", n: hostNet{
+			addrs:  []ifAddr{{pfx("10.77.0.1/30"), "cellos0123456789"}},
+			routes: []route{{pfx("10.77.0.0/30"), unix.RTN_UNICAST, main}, {pfx("10.77.0.1/32"), unix.RTN_LOCAL, local}, {pfx("10.77.0.3/32"), unix.RTN_BROADCAST, local}, {pfx("10.0.0.0/8"), unix.RTN_UNREACHABLE, main}},
+		}, want: "10.77.0.4/30", guard: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := freeSlot(pool, tc.n.claims())
+			require.Equal(t, tc.want != "", ok, "%+v", tc.n)
+			if ok {
+				assert.Equal(t, tc.want, got.String())
+			}
+			guards := 0
+			for _, c := range tc.n.claims() {
+				if c.guard {
+					guards++
+				}
+			}
+			assert.Equal(t, tc.guard, guards > 0)
+		})
+	}
 }
 
 func TestNetworkNames(t *testing.T) {
@@ -185,6 +245,54 @@ func TestNetworkSkipsAddressesInUse(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "no free /30")
 	require.NoError(t, Teardown(c.Name))
+}
+
+// A leak guard covering the cell network (an unreachable, blackhole or prohibit route of the
+// main table) leaves it usable: the cell's /30 route is more specific. A unicast route covering
+// it, or a guard in another table, still takes it.
+func TestNetworkGuardRoutesLeavePoolUsable(t *testing.T) {
+	needHost(t)
+	h0 := nettest.NewHost(t, 0)
+	h0.ServeTCP(8080)
+	pool := nettest.CellPool.String()
+	route := func(args ...string) {
+		t.Helper()
+		nettest.Run(t, "ip", append([]string{"route", "add"}, args...)...)
+		t.Cleanup(func() { _ = exec.Command("ip", append([]string{"route", "del"}, args...)...).Run() })
+	}
+	for _, typ := range []string{"unreachable", "blackhole", "prohibit"} {
+		route(typ, pool)
+		c, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-" + typ, Pool: nettest.CellPool,
+			Rules: []Rule{{pfx(h0.Addr.String() + "/32"), 8080, "tcp"}}}, func(*Cell) error { return nil })
+		require.NoError(t, err, typ)
+		assert.Equal(t, "198.51.100.129/30", c.HostAddr.String(), typ)
+		assert.Contains(t, nettest.Run(t, "ip", "route", "get", c.CellAddr.Addr().String()), "dev "+c.HostIf, typ)
+		var got string
+		err = nettest.InNetns(c.Netns, func() error {
+			conn, err := net.DialTimeout("tcp4", netip.AddrPortFrom(h0.Addr, 8080).String(), 3*time.Second)
+			if err == nil {
+				_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+				buf := make([]byte, 64)
+				n, _ := conn.Read(buf)
+				got = string(buf[:n])
+				_ = conn.Close()
+			}
+			return err
+		})
+		require.NoError(t, err, "%s: the cell's traffic and its replies pass", typ)
+		assert.Equal(t, "hello 8080\n", got)
+		require.NoError(t, Teardown(c.Name))
+		nettest.Run(t, "ip", "route", "del", typ, pool)
+	}
+	assert.Len(t, h0.Conns(8080), 3)
+
+	for _, args := range [][]string{{pool, "via", h0.Addr.String()}, {"unreachable", pool, "table", "100"}} {
+		route(args...)
+		_, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-taken", Pool: nettest.CellPool}, func(*Cell) error { return nil })
+		require.ErrorContains(t, err, "no free /30", "%v", args)
+		assert.False(t, Exists("cellos-test-netcell-taken"))
+		nettest.Run(t, "ip", append([]string{"route", "del"}, args...)...)
+	}
 }
 
 func TestNetworkSetupFailureLeavesNothing(t *testing.T) {
