@@ -133,8 +133,23 @@ func (n *cellNet) nsPath() string {
 	if n == nil {
 		return ""
 	}
-	return netcell.NetnsPath(n.name)
+	return netnsPath(n.name)
 }
+
+// netnsPath is the namespace path of a network name made by RunscID, which is always a plain
+// name (netcell.CheckName).
+func netnsPath(name string) string {
+	path, err := netcell.NetnsPath(name)
+	if err != nil {
+		panic(fmt.Sprintf("gvisor: network name %q: %v", name, err))
+	}
+	return path
+}
+
+// netName is the host-wide name of a cell's network namespace; its veth and chains derive from
+// it. It is computed from the bundle root and the cell's id, as at Create, and never read from
+// the bundle: a record there is display data, not an instruction (readNetRecord).
+func netName(c *cell) string { return RunscID(c.paths.root, c.id) }
 
 // runscNetwork is the --network value; "" (none) for a cell without a network.
 func (n *cellNet) runscNetwork() string {
@@ -150,7 +165,7 @@ func egressNetNS(root string, s *cellos.CellSpec) string {
 	if !hasEgress(s) {
 		return ""
 	}
-	return netcell.NetnsPath(RunscID(root, s.ID))
+	return netnsPath(RunscID(root, s.ID))
 }
 
 // hasEgress reports whether a document declares egress rules.
@@ -278,42 +293,69 @@ func (b *Backend) setupNetwork(ctx context.Context, c *cell) error {
 }
 
 // releaseNetwork removes the cell's network, if it has one: its rules, its veth pair and its
-// namespace. A tracked cell without one costs nothing; for an untracked cell the bundle's record
-// tells, else the namespace's presence on the host (one stat).
+// namespace, all named after netName. A tracked cell without one costs nothing; for an untracked
+// cell the bundle's record tells, else the namespace's presence on the host (one stat).
 func (b *Backend) releaseNetwork(c *cell, bundleIsDir bool) error {
-	name := c.paths.runscID
+	name := netName(c)
 	switch {
 	case c.net != nil:
-		name = c.net.name
 	case c.created:
 		return nil
-	default:
-		var rec netRecord
-		if bundleIsDir && c.dir != nil && readRecord(c.dir, fileNet, &rec) == nil && rec.Name != "" {
-			name = rec.Name
-		} else if !netcell.Exists(name) {
-			return nil
-		}
+	case bundleIsDir && b.readNetRecord(c, name) != nil:
+	case !netcell.Exists(name):
+		return nil
 	}
 	start := time.Now()
 	if err := netcell.Teardown(name); err != nil {
 		return fmt.Errorf("cell network %s: %w", name, err)
 	}
-	b.log.Info("cell network removed", zap.String("cell", c.id), zap.String("netns", netcell.NetnsPath(name)),
+	b.log.Info("cell network removed", zap.String("cell", c.id), zap.String("netns", netnsPath(name)),
 		zap.String("veth", netcell.HostIfName(name)), zap.Duration("took", time.Since(start)))
 	return nil
 }
 
-// adoptNetwork restores an adopted cell's network from its record (Recover, Attach).
+// adoptNetwork restores an adopted cell's network from its record (Recover, Attach). Without a
+// record it can show, a namespace of the cell's name on the host is still the cell's, for Destroy
+// to remove.
 func (b *Backend) adoptNetwork(c *cell) {
-	var rec netRecord
-	if c.dir == nil || readRecord(c.dir, fileNet, &rec) != nil || rec.Name == "" {
-		return
+	name := netName(c)
+	if rec := b.readNetRecord(c, name); rec != nil {
+		cp := rec.Cell
+		c.net = &cellNet{mode: rec.Mode, cell: &cp, name: name}
+		applied := true
+		c.handle.NftRulesApplied = &applied
+	} else if netcell.Exists(name) {
+		c.net = &cellNet{name: name}
 	}
-	cp := rec.Cell
-	c.net = &cellNet{mode: rec.Mode, cell: &cp, name: rec.Name}
-	applied := true
-	c.handle.NftRulesApplied = &applied
+}
+
+// readNetRecord reads the bundle's net.json for what it shows (mode, addresses, rules, uplink):
+// nil when there is none, and when it does not describe the network called name — then it is
+// refused, with a warning. Its paths and interface names are replaced by those name derives.
+func (b *Backend) readNetRecord(c *cell, name string) *netRecord {
+	if c.dir == nil {
+		return nil
+	}
+	path := filepath.Join(c.dir.Path(), fileNet)
+	var rec netRecord
+	if err := readRecord(c.dir, fileNet, &rec); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			b.log.Warn("ignoring the bundle's network record: unreadable", zap.String("cell", c.id), zap.String("file", path), zap.Error(err))
+		}
+		return nil
+	}
+	switch {
+	case rec.Name != name:
+		b.log.Warn("refusing the bundle's network record: it names another network than the cell's; the cell's own is used",
+			zap.String("cell", c.id), zap.String("file", path), zap.String("recorded", rec.Name), zap.String("expected", name))
+		return nil
+	case rec.Mode != NetworkSandbox && rec.Mode != NetworkHost:
+		b.log.Warn("refusing the bundle's network record: unknown mode", zap.String("cell", c.id), zap.String("file", path),
+			zap.String("mode", rec.Mode))
+		return nil
+	}
+	rec.Netns, rec.HostIf, rec.CellIf = netnsPath(name), netcell.HostIfName(name), netcell.CellIf
+	return &rec
 }
 
 // NetworkOf describes the network of a cell this Backend tracks: nil for a cell without egress

@@ -3,14 +3,19 @@ package gvisor
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/netcell"
 )
 
 func egressTestDoc(t testing.TB, rules string) *cellos.ExecutionCellDocument {
@@ -81,6 +86,58 @@ func TestEgressRefusals(t *testing.T) {
 	assert.Nil(t, n)
 }
 
+// A bundle's net.json is display data. The names of the namespace, the veth and the chains are
+// the cell's own (netName); a record that names another network is refused with a warning.
+func TestNetRecordNeverInstructs(t *testing.T) {
+	core, logs := observer.New(zap.InfoLevel)
+	b, err := New(WithBundleRoot(t.TempDir()), WithLogger(zap.New(core)))
+	require.NoError(t, err)
+	loc := b.locate()
+	c := b.newCell("rec", loc)
+	c.dir = ownedDir(t, c.paths.bundle)
+	name := RunscID(loc.root, "rec")
+	assert.Equal(t, name, netName(c))
+	write := func(rec any) string {
+		data, err := json.Marshal(rec)
+		require.NoError(t, err)
+		path := filepath.Join(c.paths.bundle, fileNet)
+		require.NoError(t, os.WriteFile(path, data, 0o644))
+		return path
+	}
+
+	// A record of the cell's own network: shown, with the names its name derives.
+	write(map[string]any{"mode": NetworkSandbox, "name": name, "netns": "/elsewhere", "hostInterface": "eth0", "cellInterface": "x",
+		"hostAddress": "10.77.0.1/30", "cellAddress": "10.77.0.2/30", "rules": []map[string]any{{"cidr": "203.0.113.0/24", "port": 443, "protocol": "tcp"}}})
+	b.adoptNetwork(c)
+	require.NotNil(t, c.net)
+	assert.Equal(t, name, c.net.name)
+	assert.Equal(t, "/run/netns/"+name, c.net.cell.Netns)
+	assert.Equal(t, netcell.HostIfName(name), c.net.cell.HostIf)
+	assert.Equal(t, netcell.CellIf, c.net.cell.CellIf)
+	assert.Equal(t, "10.77.0.2/30", c.net.cell.CellAddr.String())
+	assert.Len(t, c.net.cell.Rules, 1)
+	assert.Empty(t, logs.TakeAll())
+
+	for _, forged := range []string{"../../tmp/x", "cellos-0123456789abcdef01234567", "", "/etc"} {
+		path := write(map[string]any{"mode": NetworkSandbox, "name": forged})
+		c := b.newCell("rec", loc)
+		c.dir = ownedDir(t, c.paths.bundle)
+		b.adoptNetwork(c)
+		assert.Nil(t, c.net, "%q", forged)
+		assert.Nil(t, c.handle.NftRulesApplied)
+		require.NoError(t, b.releaseNetwork(c, true), "%q: untracked, nothing of its own on the host", forged)
+		logged := logs.TakeAll()
+		require.Len(t, logged, 2, "%q: adopt and release each refuse it, and nothing else: %v", forged, logged)
+		for _, w := range logged {
+			assert.Equal(t, zap.WarnLevel, w.Level)
+			assert.Contains(t, w.Message, "refusing the bundle's network record")
+			assert.Equal(t, map[string]any{"cell": "rec", "file": path, "recorded": forged, "expected": name}, w.ContextMap())
+		}
+	}
+	write(map[string]any{"mode": "bridge", "name": name})
+	b.adoptNetwork(c)
+	assert.NotEmpty(t, logs.FilterMessageSnippet("unknown mode").TakeAll())
+}
 func TestNetworkOptions(t *testing.T) {
 	b, err := New(WithCellNetwork("100.96.0.0/20"), WithEgressUplink("eth0"), WithHostStackNetworking(true))
 	require.NoError(t, err)

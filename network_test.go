@@ -20,7 +20,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	gvisor "github.com/cellos/cellos-host-gvisor"
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -702,6 +704,95 @@ except OSError as e: print(type(e).__name__, e)`
 		nettest.Run(t, "ip", "route", "del", typ, pool)
 	}
 	assert.Len(t, h0.Conns(8080), 3)
+}
+
+// TestEgressForgedNetRecordIgnored: the bundle's net.json is display data, never an instruction.
+// A record naming another namespace — here "../../<a directory with a tmpfs on it>", which
+// /run/netns/<name> would resolve to — is refused with a warning by Destroy from another Backend
+// and by Recover, and the directory, its mount and its files stay.
+func TestEgressForgedNetRecordIgnored(t *testing.T) {
+	nettest.Guard(t)
+	e := newRealEnv(t)
+	ctx := context.Background()
+	victim := filepath.Join(t.TempDir(), "victim")
+	require.NoError(t, os.Mkdir(victim, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(victim, "under"), []byte("under"), 0o644))
+	require.NoError(t, syscall.Mount("tmpfs", victim, "tmpfs", 0, "size=1m"))
+	t.Cleanup(func() { _ = syscall.Unmount(victim, syscall.MNT_DETACH) })
+	require.NoError(t, os.WriteFile(filepath.Join(victim, "inside"), []byte("inside"), 0o644))
+	forged := "../.." + victim
+	require.Equal(t, victim, filepath.Join("/run/netns", forged))
+	forge := func(id string) string {
+		t.Helper()
+		path := filepath.Join(e.root, id, "net.json")
+		data, err := json.Marshal(map[string]any{"mode": gvisor.NetworkSandbox, "name": forged, "netns": victim,
+			"hostInterface": "cellosforged", "cellInterface": "eth0"})
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(path, data, 0o644))
+		return path
+	}
+	intact := func(what string) {
+		t.Helper()
+		assert.Contains(t, mountedUnder(t, filepath.Dir(victim)), victim, "%s: the tmpfs is still mounted", what)
+		data, err := os.ReadFile(filepath.Join(victim, "inside"))
+		require.NoError(t, err, what)
+		assert.Equal(t, "inside", string(data), what)
+	}
+	refusal := func(logs *observer.ObservedLogs, id, path string) {
+		t.Helper()
+		warned := logs.FilterMessageSnippet("refusing the bundle's network record").AllUntimed()
+		require.Len(t, warned, 1, "%v", logs.AllUntimed())
+		assert.Equal(t, zap.WarnLevel, warned[0].Level)
+		assert.Equal(t, map[string]any{"cell": id, "file": path, "recorded": forged, "expected": gvisor.RunscID(e.root, id)}, warned[0].ContextMap())
+	}
+	other := func() (*gvisor.Backend, *observer.ObservedLogs) {
+		t.Helper()
+		core, logs := observer.New(zap.InfoLevel)
+		b, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithLogger(zap.New(core)))
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = b.Close(context.Background()) })
+		return b, logs
+	}
+
+	// Destroy by a Backend that does not track the cell reads its bundle's record.
+	h := e.create(sh("forged-destroy", "echo up; sleep 60"))
+	require.Eventually(t, func() bool { return e.out(h.CellID).stdout.String() == "up\n" }, 30*time.Second, 10*time.Millisecond)
+	path := forge(h.CellID)
+	b, logs := other()
+	rep, err := b.Destroy(ctx, cellos.CellHandle{CellID: h.CellID})
+	require.NoError(t, err)
+	assert.True(t, rep.Destroyed)
+	refusal(logs, h.CellID, path)
+	assert.Empty(t, logs.FilterMessage("cell network removed").AllUntimed())
+	intact("Destroy")
+	_, _ = e.b.Destroy(ctx, h) // forget it here; nothing is left to remove
+
+	// Recover by a new Backend, after the cell exited.
+	st, err := e.run(sh("forged-recover", "true"))
+	require.NoError(t, err)
+	assert.Equal(t, 0, st.Code)
+	path = forge("forged-recover")
+	b, logs = other()
+	rrep, err := b.Recover(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"forged-recover"}, append(rrep.Adopted, rrep.Cleaned...))
+	refusal(logs, "forged-recover", path)
+	n, err := b.NetworkOf("forged-recover")
+	if err == nil {
+		assert.Nil(t, n, "no network from a refused record")
+	}
+	rep, err = b.Destroy(ctx, cellos.CellHandle{CellID: "forged-recover"})
+	require.NoError(t, err)
+	assert.True(t, rep.Destroyed)
+	intact("Recover")
+	_, _ = e.b.Destroy(ctx, cellos.CellHandle{CellID: "forged-recover"})
+	data, err := os.ReadFile(filepath.Join(victim, "inside"))
+	require.NoError(t, err)
+	assert.Equal(t, "inside", string(data))
+	require.NoError(t, syscall.Unmount(victim, syscall.MNT_DETACH))
+	data, err = os.ReadFile(filepath.Join(victim, "under"))
+	require.NoError(t, err)
+	assert.Equal(t, "under", string(data), "the directory's own file, under the mount")
 }
 
 // The supervisor of TestEgressSupervisorKilledThenRecover is this test binary, re-executed (as

@@ -31,6 +31,9 @@
 // (another cell's, another Backend's, the operator's) is skipped — but for a leak guard (an
 // unreachable, blackhole or prohibit route of the main table) covering it, which the /30's own,
 // more specific route overrides (see claims).
+//
+// A name is never trusted to stay inside NetnsDir: every function taking one refuses a name that
+// is not plain (CheckName).
 package netcell
 
 import (
@@ -88,8 +91,27 @@ type Cell struct {
 	Rules    []Rule       `json:"rules"`
 }
 
+// CheckName checks a cell's name: 1 to 64 bytes of [A-Za-z0-9_.-], not starting with '.', so
+// that NetnsDir/<name> is a file directly inside NetnsDir.
+func CheckName(name string) error {
+	if name == "" || len(name) > 64 || name[0] == '.' {
+		return fmt.Errorf("netcell: bad name %q: 1 to 64 bytes, not starting with '.'", name)
+	}
+	for _, r := range []byte(name) {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-' || r == '.') {
+			return fmt.Errorf("netcell: bad name %q: only letters, digits, '_', '-' and '.'", name)
+		}
+	}
+	return nil
+}
+
 // NetnsPath is the path of the namespace of the cell called name.
-func NetnsPath(name string) string { return filepath.Join(NetnsDir, name) }
+func NetnsPath(name string) (string, error) {
+	if err := CheckName(name); err != nil {
+		return "", err
+	}
+	return filepath.Join(NetnsDir, name), nil
+}
 
 // HostIfName is the host-side veth of the cell called name.
 func HostIfName(name string) string {
@@ -121,7 +143,7 @@ func Setup(ctx context.Context, spec Spec, record func(*Cell) error) (*Cell, err
 		return nil, err
 	}
 	defer unlock()
-	c := &Cell{Name: spec.Name, Netns: NetnsPath(spec.Name), HostIf: HostIfName(spec.Name), CellIf: CellIf,
+	c := &Cell{Name: spec.Name, Netns: filepath.Join(NetnsDir, spec.Name), HostIf: HostIfName(spec.Name), CellIf: CellIf,
 		Pool: spec.Pool, Uplink: spec.Uplink, Rules: spec.Rules}
 	if _, err := os.Lstat(c.Netns); err == nil {
 		return nil, fmt.Errorf("network namespace %s: %w", c.Netns, ErrExists)
@@ -177,6 +199,9 @@ func setupLocked(h hostHandle, nft string, c *Cell) error {
 // Teardown removes everything of the cell called name: its chains and map entries (the whole
 // table when no other cell is left), its veth pair and its namespace. It is idempotent.
 func Teardown(name string) error {
+	if err := CheckName(name); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), lockTimeout)
 	defer cancel()
 	nft, err := NftPath()
@@ -217,22 +242,27 @@ func teardownLocked(h hostHandle, nft, name string) error {
 	if err := <-rules; err != nil {
 		errs = append(errs, err)
 	}
-	if err := removeNetns(NetnsPath(name)); err != nil {
+	if err := removeNetns(filepath.Join(NetnsDir, name)); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
 // Exists reports whether the namespace of the cell called name is on the host: a cheap test (one
-// stat) for callers that do not know whether a cell had a network.
+// stat) for callers that do not know whether a cell had a network. It is false for a name that
+// is not plain (CheckName): nothing outside NetnsDir is looked at.
 func Exists(name string) bool {
-	_, err := os.Lstat(NetnsPath(name))
+	path, err := NetnsPath(name)
+	if err != nil {
+		return false
+	}
+	_, err = os.Lstat(path)
 	return err == nil
 }
 
 func (s Spec) check() error {
-	if s.Name == "" || len(s.Name) > 64 || filepath.Base(s.Name) != s.Name || s.Name[0] == '.' {
-		return fmt.Errorf("netcell: bad name %q", s.Name)
+	if err := CheckName(s.Name); err != nil {
+		return err
 	}
 	if err := CheckPool(s.Pool); err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -107,12 +108,74 @@ func TestNetworkClaims(t *testing.T) {
 	}
 }
 
+// Names that are not plain never reach outside NetnsDir.
+func TestNetworkBadNamesRefused(t *testing.T) {
+	for _, bad := range []string{"", ".", "..", "../../x", "../x", "a/b", "/x", ".hidden", "x\x00y", "a b", strings.Repeat("a", 65), "x/../../y"} {
+		require.Error(t, CheckName(bad), "%q", bad)
+		require.Error(t, Teardown(bad), "%q", bad)
+		assert.False(t, Exists(bad), "%q", bad)
+		_, err := NetnsPath(bad)
+		require.Error(t, err, "%q", bad)
+		_, err = Setup(context.Background(), Spec{Name: bad, Pool: pfx("10.77.0.0/16")}, func(*Cell) error { t.Fatal("recorded"); return nil })
+		require.Error(t, err, "%q", bad)
+	}
+	for _, bad := range []string{"/run/netns/../../x", "/run/netns/..", "/run/netns/.hidden", "/run/netns/", "/run/netns/" + strings.Repeat("a", 65),
+		"netns", "relative/netns", "/tmp/../run/netns/x", "/tmp//x", ""} {
+		require.Error(t, RemoveNetns(bad), "%q", bad)
+		require.Error(t, CreateNetns(bad), "%q", bad)
+	}
+	for _, good := range []string{"cellos-0123456789abcdef01234567", "a", "a.b_c-D", strings.Repeat("a", 64)} {
+		require.NoError(t, CheckName(good))
+		p, err := NetnsPath(good)
+		require.NoError(t, err)
+		assert.Equal(t, NetnsDir+"/"+good, p)
+	}
+}
+
+// removeNetns unmounts network namespaces only: whatever else is at the path stays.
+func TestNetworkRemoveNetnsLeavesOtherMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting needs root")
+	}
+	dir := filepath.Join(t.TempDir(), "mnt")
+	require.NoError(t, os.Mkdir(dir, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "under"), []byte("x"), 0o644))
+	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"))
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "inside"), []byte("y"), 0o644))
+	err := removeNetns(dir)
+	require.ErrorContains(t, err, "not a namespace's mount point")
+	assert.FileExists(t, filepath.Join(dir, "inside"), "the tmpfs is still mounted")
+
+	// A file with another file system bound on it is not unmounted either.
+	file := filepath.Join(t.TempDir(), "file")
+	require.NoError(t, os.WriteFile(file, nil, 0o444))
+	require.NoError(t, unix.Mount(filepath.Join(dir, "inside"), file, "", unix.MS_BIND, ""))
+	t.Cleanup(func() { _ = unix.Unmount(file, unix.MNT_DETACH) })
+	require.Error(t, removeNetns(file))
+	data, err := os.ReadFile(file)
+	require.NoError(t, err)
+	assert.Equal(t, "y", string(data), "still bound")
+	// Nor is a file with contents removed.
+	require.Error(t, RemoveNetns(filepath.Join(dir, "inside")))
+	assert.FileExists(t, filepath.Join(dir, "inside"))
+
+	// A namespace pinned twice, as a sandbox's copy may stack it, is unpinned and removed.
+	ns := filepath.Join(t.TempDir(), "ns")
+	require.NoError(t, CreateNetns(ns))
+	require.NoError(t, unix.Mount(ns, ns, "", unix.MS_BIND, ""))
+	require.NoError(t, RemoveNetns(ns))
+	assert.NoFileExists(t, ns)
+}
+
 func TestNetworkNames(t *testing.T) {
 	a, b := HostIfName("cellos-0123456789abcdef01234567"), HostIfName("cellos-0123456789abcdef01234568")
 	assert.Len(t, a, 15)
 	assert.True(t, strings.HasPrefix(a, IfPrefix))
 	assert.NotEqual(t, a, b)
-	assert.Equal(t, "/run/netns/x", NetnsPath("x"))
+	p, err := NetnsPath("x")
+	require.NoError(t, err)
+	assert.Equal(t, "/run/netns/x", p)
 	require.NoError(t, CheckIfName("eth0"))
 	require.NoError(t, CheckIfName("enp0s31f6.100"))
 	for _, bad := range []string{"", "a b", `a"b`, "0123456789abcdef", "a/b", "..", "eth0;x"} {
