@@ -171,18 +171,42 @@ func egressNetNS(root string, s *cellos.CellSpec) string {
 // hasEgress reports whether a document declares egress rules.
 func hasEgress(s *cellos.CellSpec) bool { return s.Network != nil && len(s.Network.Egress) > 0 }
 
-// egressSupported refuses rules this backend cannot enforce: cells' links are IPv4 only.
+// egressSupported refuses rules this backend cannot enforce — cells' links are IPv4 only
+// (ErrUnsupported) — and, as an *cellos.Error of kind ErrInvalidSpec, rules that would reach
+// loopback or link-local (cloud metadata) through a wider range: what any host refuses, checked
+// before anything else. planNetwork checks the rest against the host and the cell network.
 func egressSupported(s *cellos.CellSpec) error {
 	if !hasEgress(s) {
 		return nil
 	}
 	for i, r := range s.Network.Egress {
 		if p, err := netip.ParsePrefix(r.CIDR); err == nil && !p.Addr().Is4() {
-			return cellos.FieldError{Field: fmt.Sprintf("spec.network.egress[%d].cidr", i),
+			return cellos.FieldError{Field: egressField(i),
 				Reason: fmt.Sprintf("%q: IPv6 egress is not supported: a cell's link is IPv4 only", r.CIDR)}
 		}
 	}
+	if fe := refusedRules(s, netip.Prefix{}, nil); len(fe) > 0 {
+		return &cellos.Error{Kind: cellos.ErrInvalidSpec, Err: fe}
+	}
 	return nil
+}
+
+func egressField(i int) string { return fmt.Sprintf("spec.network.egress[%d].cidr", i) }
+
+// refusedRules lists the rules netcell.RuleRefusal refuses, against the cell network pool (an
+// invalid one skips it) and the host's addresses (nil skips them).
+func refusedRules(s *cellos.CellSpec, pool netip.Prefix, host []netcell.HostAddr) cellos.FieldErrors {
+	var fe cellos.FieldErrors
+	for i, r := range s.Network.Egress {
+		p, err := netip.ParsePrefix(r.CIDR)
+		if err != nil || !p.Addr().Is4() {
+			continue // validated, and IPv6 refused, before
+		}
+		if reason := netcell.RuleRefusal(p, pool, host); reason != "" {
+			fe = append(fe, cellos.FieldError{Field: egressField(i), Reason: fmt.Sprintf("%q %s", r.CIDR, reason)})
+		}
+	}
+	return fe
 }
 
 // planNetwork decides how a cell with egress rules gets its network, before anything is written:
@@ -191,13 +215,22 @@ func (b *Backend) planNetwork(ctx context.Context, s *cellos.CellSpec, loc locat
 	if !hasEgress(s) {
 		return nil, nil
 	}
-	mode, err := b.egressMode(ctx, s.ID, loc)
-	if err != nil {
-		return nil, err
-	}
 	pool := b.opts.net.pool
 	if !pool.IsValid() {
 		pool = netip.MustParsePrefix(DefaultCellNetwork)
+	}
+	// Rules that would reach the host's own addresses or the cell network: refused before the
+	// host is asked for anything else (netcell.Setup checks again, under its lock).
+	host, err := netcell.HostAddrs()
+	if err != nil {
+		return nil, cellos.NewError("create", s.ID, cellos.ErrHost, err)
+	}
+	if fe := refusedRules(s, pool, host); len(fe) > 0 {
+		return nil, cellos.NewError("create", s.ID, cellos.ErrInvalidSpec, fe)
+	}
+	mode, err := b.egressMode(ctx, s.ID, loc)
+	if err != nil {
+		return nil, err
 	}
 	name := RunscID(loc.root, s.ID)
 	spec := netcell.Spec{Name: name, Pool: pool, Uplink: b.opts.net.uplink}
@@ -276,9 +309,14 @@ func (b *Backend) setupNetwork(ctx context.Context, c *cell) error {
 	})
 	if err != nil {
 		kind := cellos.ErrHost
-		if errors.Is(err, netcell.ErrExists) {
+		var re *netcell.RuleError
+		switch {
+		case errors.Is(err, netcell.ErrExists):
 			kind = cellos.ErrAlreadyExists
 			err = fmt.Errorf("%w; Destroy or Recover removes it", err)
+		case errors.As(err, &re): // the host gained an address since planNetwork
+			return cellos.NewError("create", c.id, cellos.ErrInvalidSpec, cellos.FieldError{Field: egressField(re.Index),
+				Reason: fmt.Sprintf("%q %s", re.Prefix, re.Reason)})
 		}
 		return cellos.NewError("create", c.id, kind, fmt.Errorf("cell network: %w", err))
 	}

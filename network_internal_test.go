@@ -3,6 +3,7 @@ package gvisor
 import (
 	"context"
 	"encoding/json"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -66,16 +67,30 @@ func TestNetworkFlag(t *testing.T) {
 }
 
 func TestEgressRefusals(t *testing.T) {
-	require.NoError(t, egressSupported(&egressTestDoc(t, `[{"cidr": "0.0.0.0/0", "port": 443, "protocol": "tcp"}]`).Spec))
 	err := egressSupported(&egressTestDoc(t, `[{"cidr": "10.0.0.0/8", "port": 1, "protocol": "udp"}, {"cidr": "2001:db8::/32", "port": 443, "protocol": "tcp"}]`).Spec)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "spec.network.egress[1].cidr")
+	assert.NotErrorIs(t, err, cellos.ErrInvalidSpec, "IPv6 is unsupported (launch makes it ErrUnsupported)")
+
+	// Loopback and link-local through a wider range: refused on any host, as an invalid spec;
+	// one address named exactly is meant.
+	require.NoError(t, egressSupported(&egressTestDoc(t, `[{"cidr": "169.254.169.254/32", "port": 80, "protocol": "tcp"}, {"cidr": "127.0.0.1/32", "port": 80, "protocol": "tcp"}]`).Spec))
+	err = egressSupported(&egressTestDoc(t, `[{"cidr": "203.0.113.0/24", "port": 443, "protocol": "tcp"}, {"cidr": "0.0.0.0/0", "port": 80, "protocol": "tcp"}, {"cidr": "127.0.0.0/16", "port": 80, "protocol": "tcp"}]`).Spec)
+	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
+	assert.Equal(t, []string{"spec.network.egress[1].cidr", "spec.network.egress[2].cidr"}, cellos.Fields(err))
+	assert.Contains(t, err.Error(), `spec.network.egress[1].cidr: "0.0.0.0/0" would reach 169.254.0.0/16 (link-local: clouds serve instance metadata and credentials there) and 127.0.0.0/8 (loopback: the host's own services): `+
+		`a rule reaches an address of the host, loopback or link-local only by naming that one address as a /32 (e.g. "169.254.169.254/32")`)
+	// launch labels it with the operation and the cell.
+	err = cellos.NewError("create", "egress", cellos.ErrUnsupported, err)
+	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
+	require.NotErrorIs(t, err, cellos.ErrUnsupported)
+	assert.True(t, strings.HasPrefix(err.Error(), `create cell "egress": invalid cell spec: spec.network.egress[1].cidr: "0.0.0.0/0" would reach`), err.Error())
 
 	// Not root: the host cannot (ErrHost), before anything is probed or written.
 	b, err := New()
 	require.NoError(t, err)
 	b.root = false
-	doc := egressTestDoc(t, `[{"cidr": "198.51.100.0/24", "port": 443, "protocol": "tcp"}]`)
+	doc := egressTestDoc(t, `[{"cidr": "203.0.113.0/24", "port": 443, "protocol": "tcp"}]`)
 	_, err = b.planNetwork(context.Background(), &doc.Spec, b.locate())
 	require.ErrorIs(t, err, cellos.ErrHost)
 	assert.Contains(t, err.Error(), "need root")
@@ -84,6 +99,31 @@ func TestEgressRefusals(t *testing.T) {
 	n, err := b.planNetwork(context.Background(), &plain.Spec, b.locate())
 	require.NoError(t, err)
 	assert.Nil(t, n)
+
+	// The cell network, and the host's own addresses: refused before anything else is asked of
+	// the host (here, before root is).
+	doc = egressTestDoc(t, `[{"cidr": "10.0.0.0/8", "port": 443, "protocol": "tcp"}]`)
+	_, err = b.planNetwork(context.Background(), &doc.Spec, b.locate())
+	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
+	assert.Equal(t, []string{"spec.network.egress[0].cidr"}, cellos.Fields(err))
+	assert.Contains(t, err.Error(), `create cell "egress": invalid cell spec: spec.network.egress[0].cidr: "10.0.0.0/8" would reach the cell network 10.77.0.0/16`)
+	host, err := netcell.HostAddrs()
+	require.NoError(t, err)
+	for _, a := range host {
+		if a.Prefix.Addr().IsLoopback() || !a.Prefix.IsSingleIP() {
+			continue
+		}
+		wide := netip.PrefixFrom(a.Prefix.Addr(), 16).Masked()
+		doc = egressTestDoc(t, `[{"cidr": "`+wide.String()+`", "port": 443, "protocol": "tcp"}]`)
+		_, err = b.planNetwork(context.Background(), &doc.Spec, b.locate())
+		require.ErrorIs(t, err, cellos.ErrInvalidSpec, wide)
+		assert.Contains(t, err.Error(), a.String(), "names the host's address")
+		assert.Contains(t, err.Error(), `"`+a.Prefix.String()+`"`, "says how to allow it")
+		doc = egressTestDoc(t, `[{"cidr": "`+a.Prefix.String()+`", "port": 443, "protocol": "tcp"}]`)
+		_, err = b.planNetwork(context.Background(), &doc.Spec, b.locate())
+		require.ErrorIs(t, err, cellos.ErrHost, "%v named exactly: allowed, and then root is needed", a)
+		break
+	}
 }
 
 // A bundle's net.json is display data. The names of the namespace, the veth and the chains are

@@ -675,6 +675,56 @@ func TestEgressTeardownFromAnotherBackend(t *testing.T) {
 	_, _ = other.Destroy(context.Background(), h) // forget it there; nothing is left to remove
 }
 
+// TestEgressRulesDoNotReachTheHost: a rule that would reach link-local (cloud metadata),
+// loopback, an address of the host or the cell network through a wider range is refused at
+// Create, before anything is written; the host's address named as a /32 is reached; and an
+// address the host gains after Create inside a wider rule is refused at packet time.
+func TestEgressRulesDoNotReachTheHost(t *testing.T) {
+	e, _ := newEgressEnv(t)
+	ctx := context.Background()
+	h0 := nettest.NewHost(t, 0) // the host's 198.51.100.1, test host 198.51.100.2
+	for _, tc := range []struct {
+		cidr string
+		want []string
+	}{
+		{"0.0.0.0/0", []string{"169.254.0.0/16 (link-local", "169.254.169.254", "127.0.0.0/8 (loopback: the host's own services)", `"169.254.169.254/32"`}},
+		{"169.254.0.0/16", []string{"169.254.169.254"}},
+		{"198.51.100.0/29", []string{"this host's own address 198.51.100.1 (" + h0.Link + ")", `as a /32 (e.g. "198.51.100.1/32")`}},
+		{"198.51.100.0/24", []string{"198.51.100.1 (" + h0.Link + ")", "the cell network 198.51.100.128/25"}},
+		{"198.51.100.128/26", []string{"inside the cell network 198.51.100.128/25"}},
+	} {
+		_, err := e.b.Create(ctx, egressDoc("refused", tcp("198.51.100.2", 8080), cellos.EgressRule{CIDR: tc.cidr, Port: 80, Protocol: "tcp"}))
+		require.ErrorIs(t, err, cellos.ErrInvalidSpec, tc.cidr)
+		assert.Equal(t, []string{"spec.network.egress[1].cidr"}, cellos.Fields(err), tc.cidr)
+		assert.Contains(t, err.Error(), `create cell "refused": invalid cell spec: spec.network.egress[1].cidr: "`+tc.cidr+`" `)
+		for _, w := range tc.want {
+			assert.Contains(t, err.Error(), w, tc.cidr)
+		}
+	}
+	assert.Empty(t, e.leftovers())
+	assert.NoFileExists(t, "/run/netns/"+gvisor.RunscID(e.root, "refused"))
+
+	p := startProber(t, e, "host-guard", tcp(h0.Gateway.String(), 18081), cellos.EgressRule{CIDR: "198.51.100.32/27", Port: 18082, Protocol: "tcp"})
+	h8 := nettest.NewHost(t, 8) // the host gains 198.51.100.33, inside the wider rule
+	h8.ServeTCP(18082)
+	named := nettest.ListenHost(t, netip.AddrPortFrom(h0.Gateway, 18081))
+	gained := nettest.ListenHost(t, netip.AddrPortFrom(h8.Gateway, 18082))
+	r := p.run(t,
+		target{"named-host-address", "tcp", h0.Gateway.String(), 18081},
+		target{"wider-rule", "tcp", h8.Addr.String(), 18082},
+		target{"gained-host-address", "tcp", h8.Gateway.String(), 18082},
+	)
+	t.Logf("results: %+v", r)
+	cellAddr := p.net.CellAddress.Addr()
+	assert.Equal(t, result{Status: "ok", Detail: "host"}, withoutTime(r["named-host-address"]))
+	assert.Equal(t, result{Status: "ok", Detail: "hello_18082"}, withoutTime(r["wider-rule"]))
+	refusedByFirewall(t, r, "gained-host-address")
+	assert.Equal(t, []netip.Addr{cellAddr}, named.Peers())
+	assert.Equal(t, []netip.Addr{cellAddr}, h8.Conns(18082))
+	assert.Empty(t, gained.Peers())
+	p.stop(t)
+}
+
 // TestEgressGuardRoutesLeavePoolUsable: a leak guard covering the cell network — an
 // unreachable, blackhole or prohibit route — does not take it: the cell's /30 route is more
 // specific, and the cell's traffic and its replies pass.

@@ -11,18 +11,25 @@
 // through a packet socket on eth0, so rules inside the cell's namespace would never see its
 // traffic. One nftables table, inet cellos, is shared by every cell on the host (whatever process
 // made it): its forward and input chains accept established and related traffic, then jump, by the
-// incoming interface, through the verdict map @egress to the cell's own chain — one accept rule
-// per declared destination (ip daddr, tcp/udp dport, ct state new), then a reject
-// (icmpx admin-prohibited, so that a refused connect fails at once). Nothing may open a connection
-// into a cell (forward and output chains reject new traffic towards cellos* interfaces), and
-// traffic from a cellos* interface that has no chain is rejected too. Rules match on the
-// interface, never on the source address: a cell that forges its source address is still judged
-// by its own chain (and strict reverse-path filtering on its veth drops forged sources first).
+// incoming interface, through the verdict map @egress to the cell's own chain — a reject of the
+// cell network, one accept rule per declared destination (ip daddr, tcp/udp dport, ct state new;
+// the wider ones behind guards, see below), then a reject (icmpx admin-prohibited, so that a
+// refused connect fails at once). Nothing may open a connection into a cell (forward and output
+// chains reject new traffic towards cellos* interfaces), and traffic from a cellos* interface
+// that has no chain is rejected too. Rules match on the interface, never on the source address:
+// a cell that forges its source address is still judged by its own chain (and strict reverse-path
+// filtering on its veth drops forged sources first).
 //
 // nftables is driven with the nft binary, one atomic batch (`nft -f -`) per setup and per teardown:
 // the rules are written in nft's own language, exactly as `nft list ruleset` shows them, checked
 // by nft's parser, and applied all or nothing. Links, addresses, routes and namespaces are made
 // over netlink in process (github.com/vishvananda/netlink).
+//
+// No rule reaches the host itself, loopback, link-local (cloud metadata at 169.254.169.254) or
+// the cell network through a wider range: such a rule is refused (RuleRefusal: at Setup, and by
+// callers before they write anything), unless it names exactly one address as a /32; and each
+// cell's chain refuses those destinations before its wider rules, whatever addresses the host
+// gains later (nft's fib expression asks the host's own routing table at packet time).
 //
 // Every change to the host's network state happens under one host-wide lock (flock(2) on
 // NetnsDir), so that concurrent cells of any number of processes never pick the same addresses
@@ -89,6 +96,17 @@ type Cell struct {
 	Pool     netip.Prefix `json:"pool"`
 	Uplink   string       `json:"uplink,omitempty"`
 	Rules    []Rule       `json:"rules"`
+}
+
+// RuleError is a rule that may not be set up (RuleRefusal); Index is its place in Spec.Rules.
+type RuleError struct {
+	Index  int
+	Prefix netip.Prefix
+	Reason string
+}
+
+func (e *RuleError) Error() string {
+	return fmt.Sprintf("netcell: rule %d, %v: %s", e.Index, e.Prefix, e.Reason)
 }
 
 // CheckName checks a cell's name: 1 to 64 bytes of [A-Za-z0-9_.-], not starting with '.', so
@@ -160,6 +178,11 @@ func Setup(ctx context.Context, spec Spec, record func(*Cell) error) (*Cell, err
 	}
 	hn, err := readHostNet(h)
 	if err != nil {
+		return nil, err
+	}
+	// The caller checked the rules against the host's addresses before writing anything; this
+	// check, under the lock, also catches an address the host gained since.
+	if err := checkRules(spec, hn.hostAddrs()); err != nil {
 		return nil, err
 	}
 	slot, ok := freeSlot(spec.Pool, hn.claims())
@@ -280,7 +303,18 @@ func (s Spec) check() error {
 			return fmt.Errorf("netcell: rule %v %s/%d: bad port or protocol", r.Prefix, r.Protocol, r.Port)
 		}
 	}
-	return nil
+	return checkRules(s, nil)
+}
+
+// checkRules refuses the rules that RuleRefusal refuses, against the host's addresses host.
+func checkRules(s Spec, host []HostAddr) error {
+	var errs []error
+	for i, r := range s.Rules {
+		if reason := RuleRefusal(r.Prefix, s.Pool, host); reason != "" {
+			errs = append(errs, &RuleError{Index: i, Prefix: r.Prefix, Reason: reason})
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // CheckPool checks a cell network: an IPv4 network with room for at least one /30, and not wider

@@ -108,6 +108,81 @@ func TestNetworkClaims(t *testing.T) {
 	}
 }
 
+func TestNetworkHostAddrs(t *testing.T) {
+	n := hostNet{
+		addrs: []ifAddr{{pfx("127.0.0.1/8"), "lo"}, {pfx("192.0.2.2/24"), "eth0"}, {pfx("192.0.2.7/24"), "eth0:1"}},
+		routes: []route{
+			{pfx("192.0.2.0/24"), unix.RTN_UNICAST, unix.RT_TABLE_MAIN},
+			{pfx("127.0.0.0/8"), unix.RTN_LOCAL, unix.RT_TABLE_LOCAL},
+			{pfx("192.0.2.2/32"), unix.RTN_LOCAL, unix.RT_TABLE_LOCAL}, // the address again
+			{pfx("192.0.2.255/32"), unix.RTN_BROADCAST, unix.RT_TABLE_LOCAL},
+			{pfx("203.0.113.0/28"), unix.RTN_LOCAL, 100}, // AnyIP
+			{pfx("0.0.0.0/0"), unix.RTN_LOCAL, 100},      // TPROXY's
+		},
+	}
+	var got []string
+	for _, a := range n.hostAddrs() {
+		got = append(got, a.String())
+	}
+	assert.Equal(t, []string{"127.0.0.1 (lo)", "192.0.2.2 (eth0)", "192.0.2.7 (eth0:1)", "127.0.0.0/8 (a local route of table 255)",
+		"203.0.113.0/28 (a local route of table 100)"}, got)
+
+	// The real host's: loopback at least, each as a prefix.
+	host, err := HostAddrs()
+	require.NoError(t, err)
+	assert.Contains(t, host, HostAddr{Prefix: pfx("127.0.0.1/32"), Where: "lo"})
+}
+
+func TestNetworkRuleRefusal(t *testing.T) {
+	pool := pfx("10.77.0.0/16")
+	host := []HostAddr{{pfx("127.0.0.1/32"), "lo"}, {pfx("192.0.2.2/32"), "eth0"}, {pfx("172.17.0.1/32"), "docker0"},
+		{pfx("10.1.0.1/32"), "wg0"}, {pfx("10.2.0.1/32"), "wg1"}, {pfx("10.3.0.1/32"), "wg2"}, {pfx("203.0.113.0/28"), "a local route of table 100"}}
+	for _, tc := range []struct {
+		cidr string
+		want []string // substrings of the reason; none: allowed
+	}{
+		{"203.0.113.64/26", nil},
+		{"198.51.100.7/32", nil},
+		{"169.254.169.254/32", nil}, // named exactly: meant
+		{"127.0.0.1/32", nil},
+		{"192.0.2.2/32", nil},
+		{"172.17.0.1/32", nil},
+		{"0.0.0.0/0", []string{"would reach 169.254.0.0/16 (link-local: clouds serve instance metadata", "127.0.0.0/8 (loopback: the host's own services)",
+			"this host's own addresses 192.0.2.2 (eth0), 172.17.0.1 (docker0), 10.1.0.1 (wg0) and 3 more",
+			"and the cell network 10.77.0.0/16", `as a /32 (e.g. "169.254.169.254/32")`, "no rule reaches the cell network", "narrow the cidr"}},
+		{"169.254.0.0/16", []string{"would reach 169.254.0.0/16", `e.g. "169.254.169.254/32"`}},
+		{"169.254.169.0/24", []string{"would reach 169.254.0.0/16"}},
+		{"127.0.0.0/8", []string{"127.0.0.0/8 (loopback", `"127.0.0.1/32"`}},
+		{"192.0.2.0/24", []string{"would reach this host's own address 192.0.2.2 (eth0)", `"192.0.2.2/32"`}},
+		{"192.0.2.2/31", []string{"192.0.2.2 (eth0)"}},
+		{"203.0.113.0/24", []string{"203.0.113.0/28 (a local route of table 100)", `"203.0.113.0/32"`}},
+		{"10.77.0.0/16", []string{"is inside the cell network 10.77.0.0/16", "which no rule can open"}},
+		{"10.77.3.1/32", []string{"is inside the cell network"}},
+		{"10.64.0.0/10", []string{"would reach the cell network 10.77.0.0/16 (other cells, and this host through their gateways), which no rule can open"}},
+	} {
+		reason := RuleRefusal(pfx(tc.cidr), pool, host)
+		if tc.want == nil {
+			assert.Empty(t, reason, tc.cidr)
+			continue
+		}
+		for _, w := range tc.want {
+			assert.Contains(t, reason, w, tc.cidr)
+		}
+	}
+	// Without the host and the pool: what any host refuses.
+	assert.Empty(t, RuleRefusal(pfx("192.0.2.0/24"), netip.Prefix{}, nil))
+	assert.NotEmpty(t, RuleRefusal(pfx("0.0.0.0/0"), netip.Prefix{}, nil))
+	assert.NotContains(t, RuleRefusal(pfx("0.0.0.0/0"), netip.Prefix{}, nil), "cell network")
+
+	// Setup refuses them too, before it takes the lock or touches anything.
+	_, err := Setup(context.Background(), Spec{Name: "x", Pool: pool, Rules: []Rule{{pfx("198.51.100.7/32"), 80, "tcp"}, {pfx("0.0.0.0/0"), 80, "tcp"}}},
+		func(*Cell) error { t.Fatal("recorded"); return nil })
+	var re *RuleError
+	require.ErrorAs(t, err, &re)
+	assert.Equal(t, 1, re.Index)
+	assert.Contains(t, re.Reason, "169.254.0.0/16")
+}
+
 // Names that are not plain never reach outside NetnsDir.
 func TestNetworkBadNamesRefused(t *testing.T) {
 	for _, bad := range []string{"", ".", "..", "../../x", "../x", "a/b", "/x", ".hidden", "x\x00y", "a b", strings.Repeat("a", 65), "x/../../y"} {
@@ -190,6 +265,7 @@ func TestNetworkNames(t *testing.T) {
 func TestNetworkSetupBatch(t *testing.T) {
 	c := &Cell{HostIf: "cellosabcdef012", Pool: pfx("10.77.0.0/16"), Rules: []Rule{
 		{pfx("203.0.113.0/24"), 443, "tcp"}, {pfx("198.51.100.7/32"), 53, "udp"}, {pfx("203.0.113.0/24"), 443, "tcp"},
+		{pfx("169.254.169.254/32"), 80, "tcp"},
 	}}
 	batch := setupBatch(c)
 	for _, want := range []string{
@@ -200,10 +276,14 @@ func TestNetworkSetupBatch(t *testing.T) {
 			"add rule inet cellos forward iifname \"cellos*\" reject with icmpx type admin-prohibited\n",
 		"add rule inet cellos input iifname vmap @egress\n",
 		"add rule inet cellos output oifname \"cellos*\" reject with icmpx type admin-prohibited\n",
+		// The cell network first; single addresses before the guards, wider rules after them.
 		"add chain inet cellos cellosabcdef012\nflush chain inet cellos cellosabcdef012\n" +
 			"add rule inet cellos cellosabcdef012 ip daddr 10.77.0.0/16 reject with icmpx type admin-prohibited\n" +
-			"add rule inet cellos cellosabcdef012 ip daddr 203.0.113.0/24 tcp dport 443 ct state new accept\n" +
 			"add rule inet cellos cellosabcdef012 ip daddr 198.51.100.7/32 udp dport 53 ct state new accept\n" +
+			"add rule inet cellos cellosabcdef012 ip daddr 169.254.169.254/32 tcp dport 80 ct state new accept\n" +
+			"add rule inet cellos cellosabcdef012 ip daddr { 127.0.0.0/8, 169.254.0.0/16 } reject with icmpx type admin-prohibited\n" +
+			"add rule inet cellos cellosabcdef012 fib daddr type { local, broadcast, multicast } reject with icmpx type admin-prohibited\n" +
+			"add rule inet cellos cellosabcdef012 ip daddr 203.0.113.0/24 tcp dport 443 ct state new accept\n" +
 			"add rule inet cellos cellosabcdef012 reject with icmpx type admin-prohibited\n" +
 			"add element inet cellos egress { \"cellosabcdef012\" : jump cellosabcdef012 }\n",
 	} {
@@ -261,7 +341,9 @@ func TestNetworkSetupTeardownLeavesHostAsBefore(t *testing.T) {
 	assert.NotContains(t, inside, "inet6 fe80", "no IPv6 inside")
 	assert.Contains(t, nettest.Run(t, "ip", "-n", a.Name, "route"), "default via 198.51.100.129 dev eth0")
 	rules := nettest.Run(t, "nft", "list", "table", "inet", "cellos")
-	assert.Contains(t, rules, "ip daddr 198.51.100.2 tcp dport 8080 ct state new accept")
+	assert.Contains(t, rules, "ip daddr 198.51.100.2 tcp dport 8080 ct state new accept\n"+
+		"\t\tip daddr { 127.0.0.0/8, 169.254.0.0/16 } reject with icmpx admin-prohibited\n"+
+		"\t\tfib daddr type { local, broadcast, multicast } reject with icmpx admin-prohibited\n")
 	assert.Contains(t, rules, `"`+a.HostIf+`" : jump `+a.HostIf)
 
 	// A second cell takes the next /30; the table stays until both are gone.
@@ -356,6 +438,54 @@ func TestNetworkGuardRoutesLeavePoolUsable(t *testing.T) {
 		assert.False(t, Exists("cellos-test-netcell-taken"))
 		nettest.Run(t, "ip", append([]string{"route", "del"}, args...)...)
 	}
+}
+
+// A rule reaches an address of the host only when it names that address as a /32: a wider rule
+// is refused while the host has an address in it, and an address the host gains later inside a
+// wider rule is refused at packet time.
+func TestNetworkRulesDoNotReachTheHost(t *testing.T) {
+	needHost(t)
+	h0 := nettest.NewHost(t, 0) // the host's 198.51.100.1, test host 198.51.100.2
+	noRecord := func(*Cell) error { return nil }
+	_, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-wide", Pool: nettest.CellPool,
+		Rules: []Rule{{pfx("198.51.100.0/29"), 18081, "tcp"}}}, noRecord)
+	var re *RuleError
+	require.ErrorAs(t, err, &re)
+	assert.Contains(t, re.Reason, "198.51.100.1 ("+h0.Link+")")
+	assert.Contains(t, re.Reason, `"198.51.100.1/32"`)
+	assert.False(t, Exists("cellos-test-netcell-wide"))
+
+	wide := pfx("198.51.100.32/27") // test host 8's link, not there yet
+	c, err := Setup(context.Background(), Spec{Name: "cellos-test-netcell-h", Pool: nettest.CellPool,
+		Rules: []Rule{{pfx(h0.Gateway.String() + "/32"), 18081, "tcp"}, {wide, 18082, "tcp"}}}, noRecord)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = Teardown(c.Name) })
+	h8 := nettest.NewHost(t, 8) // the host gains 198.51.100.33, inside the wide rule
+	h8.ServeTCP(18082)
+	named := nettest.ListenHost(t, netip.AddrPortFrom(h0.Gateway, 18081))
+	gained := nettest.ListenHost(t, netip.AddrPortFrom(h8.Gateway, 18082))
+	dial := func(to netip.Addr, port uint16) error {
+		return nettest.InNetns(c.Netns, func() error {
+			conn, err := net.DialTimeout("tcp4", netip.AddrPortFrom(to, port).String(), 3*time.Second)
+			if err == nil {
+				_ = conn.Close()
+			}
+			return err
+		})
+	}
+	require.NoError(t, dial(h0.Gateway, 18081), "a host address named as a /32")
+	require.NoError(t, dial(h8.Addr, 18082), "the wide rule's destinations")
+	err = dial(h8.Gateway, 18082)
+	require.ErrorIs(t, err, unix.EHOSTUNREACH, "the host's address inside the wide rule")
+	assert.Equal(t, []netip.Addr{c.CellAddr.Addr()}, named.Peers())
+	assert.Empty(t, gained.Peers())
+	assert.Equal(t, []netip.Addr{c.CellAddr.Addr()}, h8.Conns(18082))
+
+	// Now that the host has an address in it, the wide rule is refused for a new cell.
+	_, err = Setup(context.Background(), Spec{Name: "cellos-test-netcell-i", Pool: nettest.CellPool, Rules: []Rule{{wide, 18082, "tcp"}}}, noRecord)
+	require.ErrorAs(t, err, &re)
+	assert.Contains(t, re.Reason, "198.51.100.33 ("+h8.Link+")")
+	require.NoError(t, Teardown(c.Name))
 }
 
 func TestNetworkSetupFailureLeavesNothing(t *testing.T) {
