@@ -634,7 +634,8 @@ func TestEgressCreateFailureLeavesNothing(t *testing.T) {
 				default:
 				}
 				if _, err := os.Stat(filepath.Join(bundle, "net.json")); err == nil {
-					planted <- os.Mkdir(filepath.Join(bundle, "shim.json.tmp"), 0o700) == nil
+					tmp := filepath.Join(bundle, "shim.json.tmp") // not empty: nothing removes it in passing
+					planted <- os.Mkdir(tmp, 0o700) == nil && os.WriteFile(filepath.Join(tmp, "x"), nil, 0o600) == nil
 					return
 				}
 				time.Sleep(200 * time.Microsecond)
@@ -648,7 +649,7 @@ func TestEgressCreateFailureLeavesNothing(t *testing.T) {
 			continue
 		}
 		require.ErrorIs(t, err, cellos.ErrHost)
-		assert.Contains(t, err.Error(), "shim config")
+		assert.Contains(t, err.Error(), "shim.json")
 		failed = true
 		assert.NoFileExists(t, "/run/netns/"+gvisor.RunscID(e.root, id))
 		assert.Empty(t, e.leftovers())
