@@ -36,7 +36,8 @@ import (
 // Kubernetes (10.96.0.0/12 services, 10.244/16 flannel, 10.42–43/16 k3s), libvirt
 // (192.168.122/24), cloud default VPCs (172.31/16, 10.0/16, GCP's 10.128/9) — and it stays out of
 // 100.64.0.0/10, which Tailscale and carrier-grade NAT use. A /30 that overlaps any address or
-// route of the host is skipped anyway, so a collision with a network the host knows costs
+// route of the host is skipped anyway (a leak guard such as `ip route add unreachable 10.0.0.0/8`
+// excepted: the /30's own route overrides it), so a collision with a network the host knows costs
 // nothing; choose another pool when cells must reach destinations inside 10.77/16.
 const DefaultCellNetwork = "10.77.0.0/16"
 
@@ -132,8 +133,23 @@ func (n *cellNet) nsPath() string {
 	if n == nil {
 		return ""
 	}
-	return netcell.NetnsPath(n.name)
+	return netnsPath(n.name)
 }
+
+// netnsPath is the namespace path of a network name made by RunscID, which is always a plain
+// name (netcell.CheckName).
+func netnsPath(name string) string {
+	path, err := netcell.NetnsPath(name)
+	if err != nil {
+		panic(fmt.Sprintf("gvisor: network name %q: %v", name, err))
+	}
+	return path
+}
+
+// netName is the host-wide name of a cell's network namespace; its veth and chains derive from
+// it. It is computed from the bundle root and the cell's id, as at Create, and never read from
+// the bundle: a record there is display data, not an instruction (readNetRecord).
+func netName(c *cell) string { return RunscID(c.paths.root, c.id) }
 
 // runscNetwork is the --network value; "" (none) for a cell without a network.
 func (n *cellNet) runscNetwork() string {
@@ -149,24 +165,48 @@ func egressNetNS(root string, s *cellos.CellSpec) string {
 	if !hasEgress(s) {
 		return ""
 	}
-	return netcell.NetnsPath(RunscID(root, s.ID))
+	return netnsPath(RunscID(root, s.ID))
 }
 
 // hasEgress reports whether a document declares egress rules.
 func hasEgress(s *cellos.CellSpec) bool { return s.Network != nil && len(s.Network.Egress) > 0 }
 
-// egressSupported refuses rules this backend cannot enforce: cells' links are IPv4 only.
+// egressSupported refuses rules this backend cannot enforce — cells' links are IPv4 only
+// (ErrUnsupported) — and, as an *cellos.Error of kind ErrInvalidSpec, rules that would reach
+// loopback or link-local (cloud metadata) through a wider range: what any host refuses, checked
+// before anything else. planNetwork checks the rest against the host and the cell network.
 func egressSupported(s *cellos.CellSpec) error {
 	if !hasEgress(s) {
 		return nil
 	}
 	for i, r := range s.Network.Egress {
 		if p, err := netip.ParsePrefix(r.CIDR); err == nil && !p.Addr().Is4() {
-			return cellos.FieldError{Field: fmt.Sprintf("spec.network.egress[%d].cidr", i),
+			return cellos.FieldError{Field: egressField(i),
 				Reason: fmt.Sprintf("%q: IPv6 egress is not supported: a cell's link is IPv4 only", r.CIDR)}
 		}
 	}
+	if fe := refusedRules(s, netip.Prefix{}, nil); len(fe) > 0 {
+		return &cellos.Error{Kind: cellos.ErrInvalidSpec, Err: fe}
+	}
 	return nil
+}
+
+func egressField(i int) string { return fmt.Sprintf("spec.network.egress[%d].cidr", i) }
+
+// refusedRules lists the rules netcell.RuleRefusal refuses, against the cell network pool (an
+// invalid one skips it) and the host's addresses (nil skips them).
+func refusedRules(s *cellos.CellSpec, pool netip.Prefix, host []netcell.HostAddr) cellos.FieldErrors {
+	var fe cellos.FieldErrors
+	for i, r := range s.Network.Egress {
+		p, err := netip.ParsePrefix(r.CIDR)
+		if err != nil || !p.Addr().Is4() {
+			continue // validated, and IPv6 refused, before
+		}
+		if reason := netcell.RuleRefusal(p, pool, host); reason != "" {
+			fe = append(fe, cellos.FieldError{Field: egressField(i), Reason: fmt.Sprintf("%q %s", r.CIDR, reason)})
+		}
+	}
+	return fe
 }
 
 // planNetwork decides how a cell with egress rules gets its network, before anything is written:
@@ -175,13 +215,22 @@ func (b *Backend) planNetwork(ctx context.Context, s *cellos.CellSpec, loc locat
 	if !hasEgress(s) {
 		return nil, nil
 	}
-	mode, err := b.egressMode(ctx, s.ID, loc)
-	if err != nil {
-		return nil, err
-	}
 	pool := b.opts.net.pool
 	if !pool.IsValid() {
 		pool = netip.MustParsePrefix(DefaultCellNetwork)
+	}
+	// Rules that would reach the host's own addresses or the cell network: refused before the
+	// host is asked for anything else (netcell.Setup checks again, under its lock).
+	host, err := netcell.HostAddrs()
+	if err != nil {
+		return nil, cellos.NewError("create", s.ID, cellos.ErrHost, err)
+	}
+	if fe := refusedRules(s, pool, host); len(fe) > 0 {
+		return nil, cellos.NewError("create", s.ID, cellos.ErrInvalidSpec, fe)
+	}
+	mode, err := b.egressMode(ctx, s.ID, loc)
+	if err != nil {
+		return nil, err
 	}
 	name := RunscID(loc.root, s.ID)
 	spec := netcell.Spec{Name: name, Pool: pool, Uplink: b.opts.net.uplink}
@@ -260,9 +309,14 @@ func (b *Backend) setupNetwork(ctx context.Context, c *cell) error {
 	})
 	if err != nil {
 		kind := cellos.ErrHost
-		if errors.Is(err, netcell.ErrExists) {
+		var re *netcell.RuleError
+		switch {
+		case errors.Is(err, netcell.ErrExists):
 			kind = cellos.ErrAlreadyExists
 			err = fmt.Errorf("%w; Destroy or Recover removes it", err)
+		case errors.As(err, &re): // the host gained an address since planNetwork
+			return cellos.NewError("create", c.id, cellos.ErrInvalidSpec, cellos.FieldError{Field: egressField(re.Index),
+				Reason: fmt.Sprintf("%q %s", re.Prefix, re.Reason)})
 		}
 		return cellos.NewError("create", c.id, kind, fmt.Errorf("cell network: %w", err))
 	}
@@ -277,42 +331,69 @@ func (b *Backend) setupNetwork(ctx context.Context, c *cell) error {
 }
 
 // releaseNetwork removes the cell's network, if it has one: its rules, its veth pair and its
-// namespace. A tracked cell without one costs nothing; for an untracked cell the bundle's record
-// tells, else the namespace's presence on the host (one stat).
+// namespace, all named after netName. A tracked cell without one costs nothing; for an untracked
+// cell the bundle's record tells, else the namespace's presence on the host (one stat).
 func (b *Backend) releaseNetwork(c *cell, bundleIsDir bool) error {
-	name := c.paths.runscID
+	name := netName(c)
 	switch {
 	case c.net != nil:
-		name = c.net.name
 	case c.created:
 		return nil
-	default:
-		var rec netRecord
-		if bundleIsDir && c.dir != nil && readRecord(c.dir, fileNet, &rec) == nil && rec.Name != "" {
-			name = rec.Name
-		} else if !netcell.Exists(name) {
-			return nil
-		}
+	case bundleIsDir && b.readNetRecord(c, name) != nil:
+	case !netcell.Exists(name):
+		return nil
 	}
 	start := time.Now()
 	if err := netcell.Teardown(name); err != nil {
 		return fmt.Errorf("cell network %s: %w", name, err)
 	}
-	b.log.Info("cell network removed", zap.String("cell", c.id), zap.String("netns", netcell.NetnsPath(name)),
+	b.log.Info("cell network removed", zap.String("cell", c.id), zap.String("netns", netnsPath(name)),
 		zap.String("veth", netcell.HostIfName(name)), zap.Duration("took", time.Since(start)))
 	return nil
 }
 
-// adoptNetwork restores an adopted cell's network from its record (Recover, Attach).
+// adoptNetwork restores an adopted cell's network from its record (Recover, Attach). Without a
+// record it can show, a namespace of the cell's name on the host is still the cell's, for Destroy
+// to remove.
 func (b *Backend) adoptNetwork(c *cell) {
-	var rec netRecord
-	if c.dir == nil || readRecord(c.dir, fileNet, &rec) != nil || rec.Name == "" {
-		return
+	name := netName(c)
+	if rec := b.readNetRecord(c, name); rec != nil {
+		cp := rec.Cell
+		c.net = &cellNet{mode: rec.Mode, cell: &cp, name: name}
+		applied := true
+		c.handle.NftRulesApplied = &applied
+	} else if netcell.Exists(name) {
+		c.net = &cellNet{name: name}
 	}
-	cp := rec.Cell
-	c.net = &cellNet{mode: rec.Mode, cell: &cp, name: rec.Name}
-	applied := true
-	c.handle.NftRulesApplied = &applied
+}
+
+// readNetRecord reads the bundle's net.json for what it shows (mode, addresses, rules, uplink):
+// nil when there is none, and when it does not describe the network called name — then it is
+// refused, with a warning. Its paths and interface names are replaced by those name derives.
+func (b *Backend) readNetRecord(c *cell, name string) *netRecord {
+	if c.dir == nil {
+		return nil
+	}
+	path := filepath.Join(c.dir.Path(), fileNet)
+	var rec netRecord
+	if err := readRecord(c.dir, fileNet, &rec); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			b.log.Warn("ignoring the bundle's network record: unreadable", zap.String("cell", c.id), zap.String("file", path), zap.Error(err))
+		}
+		return nil
+	}
+	switch {
+	case rec.Name != name:
+		b.log.Warn("refusing the bundle's network record: it names another network than the cell's; the cell's own is used",
+			zap.String("cell", c.id), zap.String("file", path), zap.String("recorded", rec.Name), zap.String("expected", name))
+		return nil
+	case rec.Mode != NetworkSandbox && rec.Mode != NetworkHost:
+		b.log.Warn("refusing the bundle's network record: unknown mode", zap.String("cell", c.id), zap.String("file", path),
+			zap.String("mode", rec.Mode))
+		return nil
+	}
+	rec.Netns, rec.HostIf, rec.CellIf = netnsPath(name), netcell.HostIfName(name), netcell.CellIf
+	return &rec
 }
 
 // NetworkOf describes the network of a cell this Backend tracks: nil for a cell without egress

@@ -20,7 +20,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	gvisor "github.com/cellos/cellos-host-gvisor"
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -632,7 +634,8 @@ func TestEgressCreateFailureLeavesNothing(t *testing.T) {
 				default:
 				}
 				if _, err := os.Stat(filepath.Join(bundle, "net.json")); err == nil {
-					planted <- os.Mkdir(filepath.Join(bundle, "shim.json.tmp"), 0o700) == nil
+					tmp := filepath.Join(bundle, "shim.json.tmp") // not empty: nothing removes it in passing
+					planted <- os.Mkdir(tmp, 0o700) == nil && os.WriteFile(filepath.Join(tmp, "x"), nil, 0o600) == nil
 					return
 				}
 				time.Sleep(200 * time.Microsecond)
@@ -646,7 +649,7 @@ func TestEgressCreateFailureLeavesNothing(t *testing.T) {
 			continue
 		}
 		require.ErrorIs(t, err, cellos.ErrHost)
-		assert.Contains(t, err.Error(), "shim config")
+		assert.Contains(t, err.Error(), "shim.json")
 		failed = true
 		assert.NoFileExists(t, "/run/netns/"+gvisor.RunscID(e.root, id))
 		assert.Empty(t, e.leftovers())
@@ -671,6 +674,176 @@ func TestEgressTeardownFromAnotherBackend(t *testing.T) {
 	assert.True(t, rep.Destroyed)
 	assert.NoFileExists(t, n.Namespace)
 	_, _ = other.Destroy(context.Background(), h) // forget it there; nothing is left to remove
+}
+
+// TestEgressRulesDoNotReachTheHost: a rule that would reach link-local (cloud metadata),
+// loopback, an address of the host or the cell network through a wider range is refused at
+// Create, before anything is written; the host's address named as a /32 is reached; and an
+// address the host gains after Create inside a wider rule is refused at packet time.
+func TestEgressRulesDoNotReachTheHost(t *testing.T) {
+	e, _ := newEgressEnv(t)
+	ctx := context.Background()
+	h0 := nettest.NewHost(t, 0) // the host's 198.51.100.1, test host 198.51.100.2
+	for _, tc := range []struct {
+		cidr string
+		want []string
+	}{
+		{"0.0.0.0/0", []string{"169.254.0.0/16 (link-local", "169.254.169.254", "127.0.0.0/8 (loopback: the host's own services)", `"169.254.169.254/32"`}},
+		{"169.254.0.0/16", []string{"169.254.169.254"}},
+		{"198.51.100.0/29", []string{"this host's own address 198.51.100.1 (" + h0.Link + ")", `as a /32 (e.g. "198.51.100.1/32")`}},
+		{"198.51.100.0/24", []string{"198.51.100.1 (" + h0.Link + ")", "the cell network 198.51.100.128/25"}},
+		{"198.51.100.128/26", []string{"inside the cell network 198.51.100.128/25"}},
+	} {
+		_, err := e.b.Create(ctx, egressDoc("refused", tcp("198.51.100.2", 8080), cellos.EgressRule{CIDR: tc.cidr, Port: 80, Protocol: "tcp"}))
+		require.ErrorIs(t, err, cellos.ErrInvalidSpec, tc.cidr)
+		assert.Equal(t, []string{"spec.network.egress[1].cidr"}, cellos.Fields(err), tc.cidr)
+		assert.Contains(t, err.Error(), `create cell "refused": invalid cell spec: spec.network.egress[1].cidr: "`+tc.cidr+`" `)
+		for _, w := range tc.want {
+			assert.Contains(t, err.Error(), w, tc.cidr)
+		}
+	}
+	assert.Empty(t, e.leftovers())
+	assert.NoFileExists(t, "/run/netns/"+gvisor.RunscID(e.root, "refused"))
+
+	p := startProber(t, e, "host-guard", tcp(h0.Gateway.String(), 18081), cellos.EgressRule{CIDR: "198.51.100.32/27", Port: 18082, Protocol: "tcp"})
+	h8 := nettest.NewHost(t, 8) // the host gains 198.51.100.33, inside the wider rule
+	h8.ServeTCP(18082)
+	named := nettest.ListenHost(t, netip.AddrPortFrom(h0.Gateway, 18081))
+	gained := nettest.ListenHost(t, netip.AddrPortFrom(h8.Gateway, 18082))
+	r := p.run(t,
+		target{"named-host-address", "tcp", h0.Gateway.String(), 18081},
+		target{"wider-rule", "tcp", h8.Addr.String(), 18082},
+		target{"gained-host-address", "tcp", h8.Gateway.String(), 18082},
+	)
+	t.Logf("results: %+v", r)
+	cellAddr := p.net.CellAddress.Addr()
+	assert.Equal(t, result{Status: "ok", Detail: "host"}, withoutTime(r["named-host-address"]))
+	assert.Equal(t, result{Status: "ok", Detail: "hello_18082"}, withoutTime(r["wider-rule"]))
+	refusedByFirewall(t, r, "gained-host-address")
+	assert.Equal(t, []netip.Addr{cellAddr}, named.Peers())
+	assert.Equal(t, []netip.Addr{cellAddr}, h8.Conns(18082))
+	assert.Empty(t, gained.Peers())
+	p.stop(t)
+}
+
+// TestEgressGuardRoutesLeavePoolUsable: a leak guard covering the cell network — an
+// unreachable, blackhole or prohibit route — does not take it: the cell's /30 route is more
+// specific, and the cell's traffic and its replies pass.
+func TestEgressGuardRoutesLeavePoolUsable(t *testing.T) {
+	e, _ := newEgressEnv(t)
+	h0 := nettest.NewHost(t, 0)
+	h0.ServeTCP(8080)
+	pool := nettest.CellPool.String()
+	const connect = `import socket, sys
+try: print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(100).decode().strip())
+except OSError as e: print(type(e).__name__, e)`
+	for _, typ := range []string{"unreachable", "blackhole", "prohibit"} {
+		nettest.Run(t, "ip", "route", "add", typ, pool)
+		t.Cleanup(func() { _ = exec.Command("ip", "route", "del", typ, pool).Run() })
+		id := "guard-" + typ
+		d := doc(id, "/usr/bin/python3", "-c", connect, h0.Addr.String(), "8080")
+		d.Spec.Network = &cellos.NetworkSpec{Egress: []cellos.EgressRule{tcp(h0.Addr.String(), 8080)}}
+		st, err := e.run(d)
+		require.NoError(t, err, typ)
+		assert.Equal(t, cellos.ExitStatus{Code: 0, Reason: cellos.ExitExited}, st, typ)
+		assert.Equal(t, "hello 8080\n", e.out(id).stdout.String(), "%s: stderr %s", typ, e.out(id).stderr.String())
+		n, err := e.b.NetworkOf(id)
+		require.NoError(t, err)
+		require.NotNil(t, n)
+		assert.True(t, nettest.CellPool.Contains(n.CellAddress.Addr()), "%s: %v", typ, n.CellAddress)
+		e.destroy(cellos.CellHandle{CellID: id})
+		nettest.Run(t, "ip", "route", "del", typ, pool)
+	}
+	assert.Len(t, h0.Conns(8080), 3)
+}
+
+// TestEgressForgedNetRecordIgnored: the bundle's net.json is display data, never an instruction.
+// A record naming another namespace — here "../../<a directory with a tmpfs on it>", which
+// /run/netns/<name> would resolve to — is refused with a warning by Destroy from another Backend
+// and by Recover, and the directory, its mount and its files stay.
+func TestEgressForgedNetRecordIgnored(t *testing.T) {
+	nettest.Guard(t)
+	e := newRealEnv(t)
+	ctx := context.Background()
+	victim := filepath.Join(t.TempDir(), "victim")
+	require.NoError(t, os.Mkdir(victim, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(victim, "under"), []byte("under"), 0o644))
+	require.NoError(t, syscall.Mount("tmpfs", victim, "tmpfs", 0, "size=1m"))
+	t.Cleanup(func() { _ = syscall.Unmount(victim, syscall.MNT_DETACH) })
+	require.NoError(t, os.WriteFile(filepath.Join(victim, "inside"), []byte("inside"), 0o644))
+	forged := "../.." + victim
+	require.Equal(t, victim, filepath.Join("/run/netns", forged))
+	forge := func(id string) string {
+		t.Helper()
+		path := filepath.Join(e.root, id, "net.json")
+		data, err := json.Marshal(map[string]any{"mode": gvisor.NetworkSandbox, "name": forged, "netns": victim,
+			"hostInterface": "cellosforged", "cellInterface": "eth0"})
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(path, data, 0o644))
+		return path
+	}
+	intact := func(what string) {
+		t.Helper()
+		assert.Contains(t, mountedUnder(t, filepath.Dir(victim)), victim, "%s: the tmpfs is still mounted", what)
+		data, err := os.ReadFile(filepath.Join(victim, "inside"))
+		require.NoError(t, err, what)
+		assert.Equal(t, "inside", string(data), what)
+	}
+	refusal := func(logs *observer.ObservedLogs, id, path string) {
+		t.Helper()
+		warned := logs.FilterMessageSnippet("refusing the bundle's network record").AllUntimed()
+		require.Len(t, warned, 1, "%v", logs.AllUntimed())
+		assert.Equal(t, zap.WarnLevel, warned[0].Level)
+		assert.Equal(t, map[string]any{"cell": id, "file": path, "recorded": forged, "expected": gvisor.RunscID(e.root, id)}, warned[0].ContextMap())
+	}
+	other := func() (*gvisor.Backend, *observer.ObservedLogs) {
+		t.Helper()
+		core, logs := observer.New(zap.InfoLevel)
+		b, err := gvisor.New(gvisor.WithBundleRoot(e.root), gvisor.WithLogger(zap.New(core)))
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = b.Close(context.Background()) })
+		return b, logs
+	}
+
+	// Destroy by a Backend that does not track the cell reads its bundle's record.
+	h := e.create(sh("forged-destroy", "echo up; sleep 60"))
+	require.Eventually(t, func() bool { return e.out(h.CellID).stdout.String() == "up\n" }, 30*time.Second, 10*time.Millisecond)
+	path := forge(h.CellID)
+	b, logs := other()
+	rep, err := b.Destroy(ctx, cellos.CellHandle{CellID: h.CellID})
+	require.NoError(t, err)
+	assert.True(t, rep.Destroyed)
+	refusal(logs, h.CellID, path)
+	assert.Empty(t, logs.FilterMessage("cell network removed").AllUntimed())
+	intact("Destroy")
+	_, _ = e.b.Destroy(ctx, h) // forget it here; nothing is left to remove
+
+	// Recover by a new Backend, after the cell exited.
+	st, err := e.run(sh("forged-recover", "true"))
+	require.NoError(t, err)
+	assert.Equal(t, 0, st.Code)
+	path = forge("forged-recover")
+	b, logs = other()
+	rrep, err := b.Recover(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"forged-recover"}, append(rrep.Adopted, rrep.Cleaned...))
+	refusal(logs, "forged-recover", path)
+	n, err := b.NetworkOf("forged-recover")
+	if err == nil {
+		assert.Nil(t, n, "no network from a refused record")
+	}
+	rep, err = b.Destroy(ctx, cellos.CellHandle{CellID: "forged-recover"})
+	require.NoError(t, err)
+	assert.True(t, rep.Destroyed)
+	intact("Recover")
+	_, _ = e.b.Destroy(ctx, cellos.CellHandle{CellID: "forged-recover"})
+	data, err := os.ReadFile(filepath.Join(victim, "inside"))
+	require.NoError(t, err)
+	assert.Equal(t, "inside", string(data))
+	require.NoError(t, syscall.Unmount(victim, syscall.MNT_DETACH))
+	data, err = os.ReadFile(filepath.Join(victim, "under"))
+	require.NoError(t, err)
+	assert.Equal(t, "under", string(data), "the directory's own file, under the mount")
 }
 
 // The supervisor of TestEgressSupervisorKilledThenRecover is this test binary, re-executed (as

@@ -43,9 +43,27 @@ func linkExists(h hostHandle, name string) (bool, error) {
 	}
 }
 
-// usedPrefixes lists the IPv4 networks the host uses: every address (as its network and as
-// itself) and every route but default ones, in every routing table.
-func usedPrefixes(h hostHandle) ([]netip.Prefix, error) {
+// hostNet is what the host's own tables say about IPv4: its addresses, and its routes in every
+// routing table.
+type hostNet struct {
+	addrs  []ifAddr
+	routes []route
+}
+
+// ifAddr is an address of an interface, with its network's length (192.0.2.2/24).
+type ifAddr struct {
+	prefix netip.Prefix
+	label  string // the interface's name, as `ip addr` labels the address
+}
+
+// route is a route of any table; a default route's dst is 0.0.0.0/0.
+type route struct {
+	dst   netip.Prefix
+	typ   int // unix.RTN_*
+	table int
+}
+
+func readHostNet(h hostHandle) (hostNet, error) {
 	var addrs []netlink.Addr
 	var routes []netlink.Route
 	var err error
@@ -55,7 +73,7 @@ func usedPrefixes(h hostHandle) ([]netip.Prefix, error) {
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("listing the host's addresses: %w", err)
+		return hostNet{}, fmt.Errorf("listing the host's addresses: %w", err)
 	}
 	for range dumpRetries {
 		routes, err = h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
@@ -64,40 +82,77 @@ func usedPrefixes(h hostHandle) ([]netip.Prefix, error) {
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("listing the host's routes: %w", err)
+		return hostNet{}, fmt.Errorf("listing the host's routes: %w", err)
 	}
-	var used []netip.Prefix
-	add := func(n *net.IPNet) {
-		if n == nil {
-			return
-		}
-		ip, ok := netip.AddrFromSlice(n.IP.To4())
-		ones, bits := n.Mask.Size()
-		if !ok || bits != 32 {
-			return
-		}
-		used = append(used, netip.PrefixFrom(ip, 32), netip.PrefixFrom(ip, ones).Masked())
-	}
+	var n hostNet
 	for _, a := range addrs {
-		add(a.IPNet)
+		if p, ok := prefixOf(a.IPNet); ok {
+			n.addrs = append(n.addrs, ifAddr{prefix: p, label: a.Label})
+		}
 	}
 	for _, r := range routes {
-		if r.Dst != nil {
-			if ones, _ := r.Dst.Mask.Size(); ones == 0 {
-				continue // a default route covers everything and says nothing about use
-			}
+		if p, ok := prefixOf(r.Dst); ok {
+			n.routes = append(n.routes, route{dst: p.Masked(), typ: r.Type, table: r.Table})
 		}
-		add(r.Dst)
 	}
-	return used, nil
+	return n, nil
 }
 
-// freeSlot returns the first /30 of pool that overlaps none of used.
-func freeSlot(pool netip.Prefix, used []netip.Prefix) (netip.Prefix, bool) {
-	var inPool []netip.Prefix
-	for _, u := range used {
-		if u.Overlaps(pool) {
-			inPool = append(inPool, u)
+// prefixOf converts an IPv4 network (or an address with its network's length) to a prefix.
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	ip, ok := netip.AddrFromSlice(n.IP.To4())
+	ones, bits := n.Mask.Size()
+	if !ok || bits != 32 {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(ip, ones), true
+}
+
+// claim is a range of addresses the host uses, which a cell's /30 must not overlap.
+type claim struct {
+	prefix netip.Prefix
+	// guard: an unreachable, blackhole or prohibit route of the main table — a leak guard such
+	// as `ip route add unreachable 10.0.0.0/8`. It stands only where nothing more specific is
+	// routed, so a /30 it strictly contains is no conflict: the /30's connected route is more
+	// specific and wins.
+	guard bool
+}
+
+func (c claim) conflicts(slot netip.Prefix) bool {
+	return c.prefix.Overlaps(slot) && (!c.guard || c.prefix.Bits() >= slot.Bits())
+}
+
+// claims lists the ranges of addresses the host uses: every address, as itself and as its
+// network (the host reaches that network's neighbours on its interface), and every route but
+// default ones, in every table. Any route that overlaps a /30 claims it, with one exception,
+// guards (see claim): a unicast route covering the /30 says the operator routes that range
+// somewhere — a VPN, a site network — and a /30 carved out of it would silently take four of
+// its addresses away from them; a guard in a table other than main may be consulted before main
+// (ip rule), where no longest-prefix match across tables would save the cell's route.
+func (n hostNet) claims() []claim {
+	var out []claim
+	for _, a := range n.addrs {
+		out = append(out, claim{prefix: netip.PrefixFrom(a.prefix.Addr(), 32)}, claim{prefix: a.prefix.Masked()})
+	}
+	for _, r := range n.routes {
+		if r.dst.Bits() == 0 {
+			continue // a default route covers everything and says nothing about use
+		}
+		guard := r.table == unix.RT_TABLE_MAIN && (r.typ == unix.RTN_UNREACHABLE || r.typ == unix.RTN_BLACKHOLE || r.typ == unix.RTN_PROHIBIT)
+		out = append(out, claim{prefix: r.dst, guard: guard})
+	}
+	return out
+}
+
+// freeSlot returns the first /30 of pool that conflicts with none of claims.
+func freeSlot(pool netip.Prefix, claims []claim) (netip.Prefix, bool) {
+	var inPool []claim
+	for _, c := range claims {
+		if c.prefix.Overlaps(pool) {
+			inPool = append(inPool, c)
 		}
 	}
 	n := 1 << (30 - pool.Bits())
@@ -106,8 +161,8 @@ next:
 	for range n {
 		slot := netip.PrefixFrom(a, 30)
 		a = addN(a, 4)
-		for _, u := range inPool {
-			if u.Overlaps(slot) {
+		for _, c := range inPool {
+			if c.conflicts(slot) {
 				continue next
 			}
 		}

@@ -11,24 +11,36 @@
 // through a packet socket on eth0, so rules inside the cell's namespace would never see its
 // traffic. One nftables table, inet cellos, is shared by every cell on the host (whatever process
 // made it): its forward and input chains accept established and related traffic, then jump, by the
-// incoming interface, through the verdict map @egress to the cell's own chain — one accept rule
-// per declared destination (ip daddr, tcp/udp dport, ct state new), then a reject
-// (icmpx admin-prohibited, so that a refused connect fails at once). Nothing may open a connection
-// into a cell (forward and output chains reject new traffic towards cellos* interfaces), and
-// traffic from a cellos* interface that has no chain is rejected too. Rules match on the
-// interface, never on the source address: a cell that forges its source address is still judged
-// by its own chain (and strict reverse-path filtering on its veth drops forged sources first).
+// incoming interface, through the verdict map @egress to the cell's own chain — a reject of the
+// cell network, one accept rule per declared destination (ip daddr, tcp/udp dport, ct state new;
+// the wider ones behind guards, see below), then a reject (icmpx admin-prohibited, so that a
+// refused connect fails at once). Nothing may open a connection into a cell (forward and output
+// chains reject new traffic towards cellos* interfaces), and traffic from a cellos* interface
+// that has no chain is rejected too. Rules match on the interface, never on the source address:
+// a cell that forges its source address is still judged by its own chain (and strict reverse-path
+// filtering on its veth drops forged sources first).
 //
 // nftables is driven with the nft binary, one atomic batch (`nft -f -`) per setup and per teardown:
 // the rules are written in nft's own language, exactly as `nft list ruleset` shows them, checked
 // by nft's parser, and applied all or nothing. Links, addresses, routes and namespaces are made
 // over netlink in process (github.com/vishvananda/netlink).
 //
+// No rule reaches the host itself, loopback, link-local (cloud metadata at 169.254.169.254) or
+// the cell network through a wider range: such a rule is refused (RuleRefusal: at Setup, and by
+// callers before they write anything), unless it names exactly one address as a /32; and each
+// cell's chain refuses those destinations before its wider rules, whatever addresses the host
+// gains later (nft's fib expression asks the host's own routing table at packet time).
+//
 // Every change to the host's network state happens under one host-wide lock (flock(2) on
 // NetnsDir), so that concurrent cells of any number of processes never pick the same addresses
 // and the shared table is removed only when the last cell is gone. The host's own addresses and
 // routes are the registry of what is in use: a /30 that overlaps any address or route of the host
-// (another cell's, another Backend's, the operator's) is skipped.
+// (another cell's, another Backend's, the operator's) is skipped — but for a leak guard (an
+// unreachable, blackhole or prohibit route of the main table) covering it, which the /30's own,
+// more specific route overrides (see claims).
+//
+// A name is never trusted to stay inside NetnsDir: every function taking one refuses a name that
+// is not plain (CheckName).
 package netcell
 
 import (
@@ -86,8 +98,38 @@ type Cell struct {
 	Rules    []Rule       `json:"rules"`
 }
 
+// RuleError is a rule that may not be set up (RuleRefusal); Index is its place in Spec.Rules.
+type RuleError struct {
+	Index  int
+	Prefix netip.Prefix
+	Reason string
+}
+
+func (e *RuleError) Error() string {
+	return fmt.Sprintf("netcell: rule %d, %v: %s", e.Index, e.Prefix, e.Reason)
+}
+
+// CheckName checks a cell's name: 1 to 64 bytes of [A-Za-z0-9_.-], not starting with '.', so
+// that NetnsDir/<name> is a file directly inside NetnsDir.
+func CheckName(name string) error {
+	if name == "" || len(name) > 64 || name[0] == '.' {
+		return fmt.Errorf("netcell: bad name %q: 1 to 64 bytes, not starting with '.'", name)
+	}
+	for _, r := range []byte(name) {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-' || r == '.') {
+			return fmt.Errorf("netcell: bad name %q: only letters, digits, '_', '-' and '.'", name)
+		}
+	}
+	return nil
+}
+
 // NetnsPath is the path of the namespace of the cell called name.
-func NetnsPath(name string) string { return filepath.Join(NetnsDir, name) }
+func NetnsPath(name string) (string, error) {
+	if err := CheckName(name); err != nil {
+		return "", err
+	}
+	return filepath.Join(NetnsDir, name), nil
+}
 
 // HostIfName is the host-side veth of the cell called name.
 func HostIfName(name string) string {
@@ -119,7 +161,7 @@ func Setup(ctx context.Context, spec Spec, record func(*Cell) error) (*Cell, err
 		return nil, err
 	}
 	defer unlock()
-	c := &Cell{Name: spec.Name, Netns: NetnsPath(spec.Name), HostIf: HostIfName(spec.Name), CellIf: CellIf,
+	c := &Cell{Name: spec.Name, Netns: filepath.Join(NetnsDir, spec.Name), HostIf: HostIfName(spec.Name), CellIf: CellIf,
 		Pool: spec.Pool, Uplink: spec.Uplink, Rules: spec.Rules}
 	if _, err := os.Lstat(c.Netns); err == nil {
 		return nil, fmt.Errorf("network namespace %s: %w", c.Netns, ErrExists)
@@ -134,11 +176,16 @@ func Setup(ctx context.Context, spec Spec, record func(*Cell) error) (*Cell, err
 	} else if found {
 		return nil, fmt.Errorf("interface %s: %w", c.HostIf, ErrExists)
 	}
-	used, err := usedPrefixes(h)
+	hn, err := readHostNet(h)
 	if err != nil {
 		return nil, err
 	}
-	slot, ok := freeSlot(spec.Pool, used)
+	// The caller checked the rules against the host's addresses before writing anything; this
+	// check, under the lock, also catches an address the host gained since.
+	if err := checkRules(spec, hn.hostAddrs()); err != nil {
+		return nil, err
+	}
+	slot, ok := freeSlot(spec.Pool, hn.claims())
 	if !ok {
 		return nil, fmt.Errorf("no free /30 left in the cell network %s (every one overlaps an address or route of the host)", spec.Pool)
 	}
@@ -175,6 +222,9 @@ func setupLocked(h hostHandle, nft string, c *Cell) error {
 // Teardown removes everything of the cell called name: its chains and map entries (the whole
 // table when no other cell is left), its veth pair and its namespace. It is idempotent.
 func Teardown(name string) error {
+	if err := CheckName(name); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), lockTimeout)
 	defer cancel()
 	nft, err := NftPath()
@@ -215,22 +265,27 @@ func teardownLocked(h hostHandle, nft, name string) error {
 	if err := <-rules; err != nil {
 		errs = append(errs, err)
 	}
-	if err := removeNetns(NetnsPath(name)); err != nil {
+	if err := removeNetns(filepath.Join(NetnsDir, name)); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
 // Exists reports whether the namespace of the cell called name is on the host: a cheap test (one
-// stat) for callers that do not know whether a cell had a network.
+// stat) for callers that do not know whether a cell had a network. It is false for a name that
+// is not plain (CheckName): nothing outside NetnsDir is looked at.
 func Exists(name string) bool {
-	_, err := os.Lstat(NetnsPath(name))
+	path, err := NetnsPath(name)
+	if err != nil {
+		return false
+	}
+	_, err = os.Lstat(path)
 	return err == nil
 }
 
 func (s Spec) check() error {
-	if s.Name == "" || len(s.Name) > 64 || filepath.Base(s.Name) != s.Name || s.Name[0] == '.' {
-		return fmt.Errorf("netcell: bad name %q", s.Name)
+	if err := CheckName(s.Name); err != nil {
+		return err
 	}
 	if err := CheckPool(s.Pool); err != nil {
 		return err
@@ -248,7 +303,18 @@ func (s Spec) check() error {
 			return fmt.Errorf("netcell: rule %v %s/%d: bad port or protocol", r.Prefix, r.Protocol, r.Port)
 		}
 	}
-	return nil
+	return checkRules(s, nil)
+}
+
+// checkRules refuses the rules that RuleRefusal refuses, against the host's addresses host.
+func checkRules(s Spec, host []HostAddr) error {
+	var errs []error
+	for i, r := range s.Rules {
+		if reason := RuleRefusal(r.Prefix, s.Pool, host); reason != "" {
+			errs = append(errs, &RuleError{Index: i, Prefix: r.Prefix, Reason: reason})
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // CheckPool checks a cell network: an IPv4 network with room for at least one /30, and not wider

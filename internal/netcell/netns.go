@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"time"
 
@@ -110,9 +111,25 @@ func createNetns(path string, inside func(host *os.File) error) error {
 }
 
 // removeNetns unpins a namespace made by createNetns and removes its mount point; the kernel
-// frees the namespace, and the interfaces left in it, once nothing else holds it.
+// frees the namespace, and the interfaces left in it, once nothing else holds it. It unmounts
+// network namespaces only and removes only an empty file: a directory, a symbolic link, a file
+// with any other file system mounted on it or with contents is left alone and reported.
 func removeNetns(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("removing the network namespace %s: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("removing the network namespace %s: not a namespace's mount point (%v), left alone", path, fi.Mode().Type())
+	}
 	for i := 0; i < 16; i++ { // a pin can be stacked; detach them all
+		var st unix.Statfs_t
+		if err := unix.Statfs(path, &st); err != nil || st.Type != unix.NSFS_MAGIC {
+			break
+		}
 		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
 				break
@@ -120,15 +137,39 @@ func removeNetns(path string) error {
 			return fmt.Errorf("unmounting the network namespace %s: %w", path, err)
 		}
 	}
+	// What is left is the empty file createNetns made; anything else is not removed.
+	if fi, err := os.Lstat(path); err == nil && (!fi.Mode().IsRegular() || fi.Size() != 0) {
+		return fmt.Errorf("removing the network namespace %s: not a namespace's mount point (a file of %d bytes), left alone", path, fi.Size())
+	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing the network namespace %s: %w", path, err)
 	}
 	return nil
 }
 
+// checkNetnsPath refuses a path that is not absolute and clean or whose last element is not a
+// plain name (CheckName).
+func checkNetnsPath(path string) error {
+	if !filepath.IsAbs(path) || filepath.Clean(path) != path {
+		return fmt.Errorf("netcell: %q is not an absolute, clean path", path)
+	}
+	return CheckName(filepath.Base(path))
+}
+
 // CreateNetns makes an empty network namespace (loopback only) pinned at path, for probing a
-// runtime; RemoveNetns removes it.
-func CreateNetns(path string) error { return createNetns(path, nil) }
+// runtime; RemoveNetns removes it. Both refuse a path that is not absolute and clean, or whose
+// last element is not a plain name.
+func CreateNetns(path string) error {
+	if err := checkNetnsPath(path); err != nil {
+		return err
+	}
+	return createNetns(path, nil)
+}
 
 // RemoveNetns removes a namespace made by CreateNetns.
-func RemoveNetns(path string) error { return removeNetns(path) }
+func RemoveNetns(path string) error {
+	if err := checkNetnsPath(path); err != nil {
+		return err
+	}
+	return removeNetns(path)
+}

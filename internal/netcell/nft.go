@@ -105,8 +105,25 @@ func setupBatch(c *Cell) string {
 	fmt.Fprintf(&b, "flush chain inet %s %s\n", Table, chain)
 	// Other cells and the host behind any cell's link are never destinations, whatever the rules.
 	fmt.Fprintf(&b, "add rule inet %s %s ip daddr %s %s\n", Table, chain, c.Pool, reject)
-	for _, r := range dedupRules(c.Rules) {
+	// A rule for one address (a /32) is honoured whatever that address is: the operator named it.
+	// Wider rules come after the guards: loopback and link-local, and whatever the host's routing
+	// table says is the host's own — its addresses, broadcast and multicast, including those it
+	// gains after this cell was set up — are refused to them.
+	rules := dedupRules(c.Rules)
+	accept := func(r Rule) {
 		fmt.Fprintf(&b, "add rule inet %s %s ip daddr %s %s dport %d ct state new accept\n", Table, chain, r.Prefix, r.Protocol, r.Port)
+	}
+	for _, r := range rules {
+		if r.Prefix.IsSingleIP() {
+			accept(r)
+		}
+	}
+	fmt.Fprintf(&b, "add rule inet %s %s ip daddr %s %s\n", Table, chain, guardedSet(), reject)
+	fmt.Fprintf(&b, "add rule inet %s %s fib daddr type { local, broadcast, multicast } %s\n", Table, chain, reject)
+	for _, r := range rules {
+		if !r.Prefix.IsSingleIP() {
+			accept(r)
+		}
 	}
 	fmt.Fprintf(&b, "add rule inet %s %s %s\n", Table, chain, reject)
 	fmt.Fprintf(&b, "add element inet %s egress { %q : jump %s }\n", Table, c.HostIf, chain)
