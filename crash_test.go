@@ -155,12 +155,16 @@ func shimPid(t *testing.T, bundle string) int {
 	return shimOf(bundle)
 }
 
-// childOf finds a child of pid.
+// childOf finds a child of pid (of any of its threads: Go forks from any of them).
 func childOf(t *testing.T, pid int) int {
 	t.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
 	require.NoError(t, err)
-	fields := strings.Fields(string(data))
+	var fields []string
+	for _, task := range tasks {
+		data, _ := os.ReadFile(task)
+		fields = append(fields, strings.Fields(string(data))...)
+	}
 	require.NotEmpty(t, fields, "process %d has no children", pid)
 	child, _ := strconv.Atoi(fields[0])
 	return child

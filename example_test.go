@@ -55,7 +55,7 @@ func ExampleBuildSpec() {
 	// mount: /sys sysfs [nosuid noexec nodev ro]
 	// mount: /usr bind [rbind ro nosuid nodev]
 	// mount: /etc/ld.so.cache bind [bind ro nosuid nodev]
-	// mount: /tmp tmpfs [nosuid nodev mode=1777]
+	// mount: /tmp tmpfs [nosuid nodev mode=1777 size=536870912]
 	// mount: /out bind [rbind rw nosuid nodev]
 }
 

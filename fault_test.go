@@ -37,7 +37,7 @@ func mountTmpfs(t *testing.T, size string, flags uintptr) string {
 func TestFaultBundleRootReadOnly(t *testing.T) {
 	requireRunsc(t)
 	root := mountTmpfs(t, "1m", unix.MS_RDONLY)
-	b, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()))
+	b, err := gvisor.New(gvisor.WithBundleRoot(root), gvisor.WithStateRoot(t.TempDir()), gvisor.WithMinFreeSpace(0))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	_, err = b.Create(context.Background(), sh("rofs", "true"))

@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	gvisor "github.com/cellos/cellos-host-gvisor"
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
@@ -211,7 +212,7 @@ func treeDigest(t *testing.T, root string) string {
 
 func TestIsolationImageRootReadOnly(t *testing.T) {
 	t.Parallel()
-	e := newRealEnv(t)
+	e := newRealEnv(t, gvisor.WithAllowRoot(true)) // root in the cell, to try writing to the image
 	img := busyboxImage(t)
 	before := treeDigest(t, img)
 	d := sh("img-ro", `cat /etc/motd; touch /new 2>/dev/null && echo wrote || echo ro; echo t > /tmp/t && echo tmp-ok; test -e /usr && echo host-usr || echo no-host-usr`)
@@ -224,7 +225,7 @@ func TestIsolationImageRootReadOnly(t *testing.T) {
 
 func TestIsolationImageRootWritable(t *testing.T) {
 	t.Parallel()
-	e := newRealEnv(t)
+	e := newRealEnv(t, gvisor.WithAllowRoot(true)) // root in the cell, to try writing to the image
 	img := busyboxImage(t)
 	before := treeDigest(t, img)
 	d := sh("img-rw", `echo changed > /etc/motd && cat /etc/motd; touch /new && echo wrote; rm /bin/cat && echo removed`)

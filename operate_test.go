@@ -103,7 +103,7 @@ func TestOperateExecExitCodesAndOutput(t *testing.T) {
 
 func TestOperateExecIdentity(t *testing.T) {
 	t.Parallel()
-	e := newRealEnv(t)
+	e := newRealEnv(t, gvisor.WithAllowRoot(true)) // root in an exec'd process below
 	d := sh("op-exec-who", "sleep 60")
 	d.Spec.Run.Env = map[string]string{"CELL_VAR": "from-cell", "SHARED": "cell"}
 	d.Spec.Run.WorkingDir = "/tmp"
@@ -122,6 +122,13 @@ echo "nnp=$(python3 -c 'import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0
 	assert.Equal(t, "from-cell,,cell", got["vars"])
 	assert.Equal(t, "0000000000000000", got["caps"])
 	assert.Equal(t, "1", got["nnp"])
+
+	// Root is refused unless the operator allows it.
+	strict := newRealEnv(t)
+	hs := strict.create(sh("op-exec-strict", "sleep 60"))
+	_, _, _, err = strict.execIn(hs.CellID, cellos.RunSpec{Argv: []string{"/bin/true"}, User: &cellos.UserSpec{UID: 0, GID: 0}})
+	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
+	assert.Contains(t, err.Error(), "WithAllowRoot")
 
 	// As asked: even as root, no capabilities and no new privileges.
 	for _, u := range []cellos.UserSpec{{UID: 1000, GID: 1001}, {UID: 0, GID: 0}} {
