@@ -57,7 +57,7 @@ func TestHelperSupervisor(t *testing.T) {
 		awaitSpare()
 		spare := spareShims()[0]
 		create("long", "echo long; sleep 120")
-		awaitSpare() // unclaimed when the supervisor dies
+		awaitSpare()                // unclaimed when the supervisor dies
 		fmt.Println("ready", spare) // the shim of "long"
 		select {}
 	}
