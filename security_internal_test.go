@@ -1,0 +1,217 @@
+package gvisor
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/netcell"
+)
+
+// A document without limits gets the Backend's defaults: runsc runs with cgroups, config.json
+// carries the limits, the cell's cgroups are named after its runsc id and go with Destroy.
+func TestFakeDefaultLimits(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("cgroups need root")
+	}
+	e := fakeSetup(t)
+	e.b = e.newBackend(WithDefaultResources(DefaultResources{MemoryBytes: 256 << 20, CPUMillis: 500, TTL: 1500 * time.Millisecond}))
+	h := e.create(fakeDoc("limits"))
+	require.NotNil(t, h.CgroupPath)
+	assert.Equal(t, "/cellos/"+e.runscID("limits"), *h.CgroupPath)
+	var cfg struct {
+		Linux struct {
+			CgroupsPath string `json:"cgroupsPath"`
+			Resources   struct {
+				Memory struct{ Limit int64 } `json:"memory"`
+				CPU    struct{ Quota int64 } `json:"cpu"`
+			} `json:"resources"`
+		} `json:"linux"`
+		Mounts []struct {
+			Destination string   `json:"destination"`
+			Options     []string `json:"options"`
+		} `json:"mounts"`
+	}
+	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), fileConfig), &cfg))
+	assert.Equal(t, *h.CgroupPath, cfg.Linux.CgroupsPath)
+	assert.Equal(t, int64(256<<20), cfg.Linux.Resources.Memory.Limit)
+	assert.Equal(t, int64(50_000), cfg.Linux.Resources.CPU.Quota)
+	for _, m := range cfg.Mounts {
+		if m.Destination == "/tmp" {
+			assert.Contains(t, m.Options, "size=268435456", "/tmp is as large as the memory limit")
+		}
+	}
+	var shim shimConfig
+	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), fileShim), &shim))
+	assert.Equal(t, int64(2), shim.TTLSeconds, "the default lifetime, rounded up to seconds")
+	assert.NotContains(t, e.calls("run")[0].Args, "--ignore-cgroups")
+	_, err := e.wait("limits")
+	require.NoError(t, err)
+	e.destroy("limits")
+	assert.Empty(t, e.b.cg.Dirs(e.runscID("limits")))
+
+	// The document's own limits win, field by field; the caller's document is not changed.
+	d := fakeDoc("own")
+	d.Spec.Resources = &cellos.ResourceSpec{MemoryBytes: 64 << 20}
+	h = e.create(d)
+	assert.Equal(t, &cellos.ResourceSpec{MemoryBytes: 64 << 20}, d.Spec.Resources)
+	assert.Nil(t, d.Spec.Lifetime)
+	require.NoError(t, readJSON(filepath.Join(e.bundle("own"), fileConfig), &cfg))
+	assert.Equal(t, int64(64<<20), cfg.Linux.Resources.Memory.Limit)
+	assert.Equal(t, int64(50_000), cfg.Linux.Resources.CPU.Quota)
+	_, _ = e.wait("own")
+}
+
+// Without WithDefaultResources, the library's defaults apply: 1 GiB and one CPU.
+func TestDefaultLimitsValues(t *testing.T) {
+	b, err := New(WithBundleRoot(t.TempDir()))
+	require.NoError(t, err)
+	d := fakeDoc("x")
+	got := b.withDefaults(d)
+	if os.Geteuid() == 0 && b.cg != nil {
+		assert.Equal(t, &cellos.ResourceSpec{MemoryBytes: 1 << 30, CPUMillis: 1000}, got.Spec.Resources)
+	} else {
+		assert.Same(t, d, got, "where cgroups cannot enforce them, the library's own defaults are skipped")
+	}
+	assert.Nil(t, d.Spec.Resources, "the caller's document is not changed")
+	_, err = New(WithDefaultResources(DefaultResources{MemoryBytes: 1 << 20}))
+	assert.ErrorContains(t, err, "below the minimum")
+	_, err = New(WithDefaultResources(DefaultResources{CPUMillis: -1}))
+	assert.Error(t, err)
+}
+
+// A Destroy that races a cell's own exit, and whose kills all fail, reports the exit the cell
+// made, not "destroyed".
+func TestFakeDestroyRacingNaturalExit(t *testing.T) {
+	e := fakeSetup(t)
+	e.set(t, "FAKE_RUNSC_SLEEP", "0.5", "FAKE_RUNSC_KILL_FAILS", "1", "FAKE_RUNSC_EXIT", "3")
+	h := e.create(fakeDoc("natural"))
+	waited := make(chan cellos.ExitStatus, 1)
+	go func() {
+		st, _ := e.wait("natural")
+		waited <- st
+	}()
+	rep, err := e.b.Destroy(context.Background(), h)
+	require.NoError(t, err)
+	assert.True(t, rep.Destroyed)
+	assert.Equal(t, cellos.ExitStatus{Code: 3, Reason: cellos.ExitExited}, <-waited)
+
+	// When the kill takes effect, the waiters get "destroyed".
+	e.set(t, "FAKE_RUNSC_SLEEP", "30", "FAKE_RUNSC_KILL_FAILS", "")
+	h = e.create(fakeDoc("killed"))
+	go func() {
+		st, _ := e.wait("killed")
+		waited <- st
+	}()
+	_, err = e.b.Destroy(context.Background(), h)
+	require.NoError(t, err)
+	assert.Equal(t, destroyedStatus, <-waited)
+}
+
+// The exit record is written into space reserved at Create: on a filesystem that has filled up
+// meanwhile it is recorded all the same.
+func TestExitRecordOnFullFilesystem(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	dir := t.TempDir()
+	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k,mode=0700"))
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	d := ownedDir(t, dir)
+	require.NoError(t, reserveExit(d))
+	filler, err := os.Create(filepath.Join(dir, "filler"))
+	require.NoError(t, err)
+	_, err = filler.Write(make([]byte, 1<<20))
+	require.ErrorIs(t, err, unix.ENOSPC, "the filesystem is full")
+	require.NoError(t, filler.Close())
+	require.ErrorIs(t, d.WriteFile("other", []byte("x"), 0o644), unix.ENOSPC)
+
+	reserve, err := d.OpenFile(fileExitReserve, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer reserve.Close()
+	rec := &exitRecord{Status: cellos.ExitStatus{Code: 0, Reason: cellos.ExitExited}, Runsc: "exit 0", Error: strings.Repeat("e", 100)}
+	require.NoError(t, writeExit(d, reserve, rec))
+	var got exitRecord
+	require.NoError(t, readRecord(d, fileExit, &got))
+	assert.Equal(t, rec.Status, got.Status)
+	assert.Equal(t, rec.Error, got.Error)
+	_, err = os.Stat(filepath.Join(dir, fileExitReserve))
+	assert.ErrorIs(t, err, os.ErrNotExist, "the reserved space became the record")
+}
+
+// Bind sources and image roots that overlap the library's own state or the host's kernel
+// interfaces are refused, symlinks resolved; WithBindSources narrows further.
+func TestPolicyProtectedSources(t *testing.T) {
+	top := t.TempDir()
+	root := filepath.Join(top, "root")
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "cell"), 0o700))
+	allowed := filepath.Join(top, "allowed")
+	require.NoError(t, os.MkdirAll(filepath.Join(allowed, "sub"), 0o755))
+	require.NoError(t, os.Symlink(root, filepath.Join(top, "link-to-root")))
+	require.NoError(t, os.Symlink(filepath.Join(allowed, "sub"), filepath.Join(top, "link-to-allowed")))
+	b, err := New(WithBundleRoot(root), WithBindSources(allowed))
+	require.NoError(t, err)
+	loc := b.locate()
+	bind := func(src string) *cellos.CellSpec {
+		return &cellos.CellSpec{ID: "p", Run: cellos.RunSpec{Argv: []string{"x"}},
+			Mounts: []cellos.MountSpec{{Type: cellos.MountBind, Source: src, Destination: "/d"}}}
+	}
+	for _, src := range []string{root, filepath.Join(root, "cell"), top, "/", filepath.Join(top, "link-to-root"),
+		netcell.NetnsDir, "/proc", "/sys/fs", "/dev", loc.runsc.Root} {
+		_, err := b.checkPolicy(bind(src), loc)
+		require.ErrorIs(t, err, cellos.ErrInvalidSpec, src)
+		assert.Equal(t, []string{"spec.mounts[0].source"}, cellos.Fields(err), src)
+	}
+	_, err = b.checkPolicy(bind("/usr"), loc)
+	assert.ErrorContains(t, err, "WithBindSources", "outside the allowed prefixes")
+	sources, err := b.checkPolicy(bind(filepath.Join(top, "link-to-allowed")), loc)
+	require.NoError(t, err)
+	assert.Equal(t, map[int]string{0: filepath.Join(allowed, "sub")}, sources, "config.json names the resolved source")
+
+	s := bind(filepath.Join(allowed, "sub"))
+	s.Rootfs = &cellos.RootfsSpec{Path: "/"}
+	_, err = b.checkPolicy(s, loc)
+	assert.Equal(t, []string{"spec.rootfs.path"}, cellos.Fields(err), "an image root of / would show the bundle root")
+
+	s = bind(filepath.Join(allowed, "sub"))
+	s.Run.User = &cellos.UserSpec{UID: 0, GID: 0}
+	_, err = b.checkPolicy(s, loc)
+	assert.Equal(t, []string{"spec.run.user"}, cellos.Fields(err))
+	s.Run.User = &cellos.UserSpec{UID: 1000, GID: 0}
+	_, err = b.checkPolicy(s, loc)
+	assert.Equal(t, []string{"spec.run.user"}, cellos.Fields(err), "gid 0 too")
+}
+
+// The shim refuses a request it cannot trust: another protocol, a relative bundle, unknown
+// fields, an incomplete configuration; and it opens only the bundle the request identifies.
+func TestShimRequestChecks(t *testing.T) {
+	good := shimRequest{Protocol: shimProtocol, Bundle: "/b/c", Config: shimConfig{RunscID: "cellos-x", OutputCap: 1, Runsc: runsc{Path: "/usr/bin/runsc"}}}
+	require.NoError(t, good.check())
+	for name, change := range map[string]func(r *shimRequest){
+		"protocol": func(r *shimRequest) { r.Protocol = 2 },
+		"relative": func(r *shimRequest) { r.Bundle = "b/c" },
+		"unclean":  func(r *shimRequest) { r.Bundle = "/b/../etc" },
+		"no runsc": func(r *shimRequest) { r.Config.Runsc.Path = "runsc" },
+		"no id":    func(r *shimRequest) { r.Config.RunscID = "" },
+	} {
+		r := good
+		change(&r)
+		assert.Error(t, r.check(), name)
+	}
+	data, err := json.Marshal(good)
+	require.NoError(t, err)
+	var r shimRequest
+	bad := strings.Replace(string(data), `"protocol"`, `"extra":1,"protocol"`, 1)
+	assert.ErrorContains(t, readRequest(bufioReader(bad+"\n"), &r), "unknown field")
+	assert.ErrorContains(t, readRequest(bufioReader(strings.Repeat("x", maxRequest+10)), &r), "longer than")
+	assert.ErrorIs(t, readRequest(bufioReader(""), &r), errEOF)
+}
