@@ -750,6 +750,9 @@ func removeSandbox(r *runsc, id string) error {
 // removes it. Close is idempotent and safe for concurrent use.
 func (b *Backend) Close(ctx context.Context) error {
 	b.closeSpare()
+	if err := b.awaitBackground(ctx); err != nil {
+		return err
+	}
 	p := b.pool
 	if p == nil {
 		return nil
@@ -813,6 +816,18 @@ func (b *Backend) Close(ctx context.Context) error {
 	close(p.closing)
 	b.log.Info("warm pool closed", zap.Int("idleDeleted", len(idle)), zap.Duration("took", time.Since(start)), zap.Error(err))
 	return err
+}
+
+// awaitBackground waits, within ctx, for the goroutines the Backend started for itself (probes).
+func (b *Backend) awaitBackground(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { b.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return cellos.NewError("close", "", cellos.ErrHost, fmt.Errorf("waiting for the Backend's probes: %w", ctx.Err()))
+	}
 }
 
 // createFromPool creates c in a pool sandbox when doc fits the pool and one is idle. pooled is

@@ -215,3 +215,21 @@ func TestShimRequestChecks(t *testing.T) {
 	assert.ErrorContains(t, readRequest(bufioReader(strings.Repeat("x", maxRequest+10)), &r), "longer than")
 	assert.ErrorIs(t, readRequest(bufioReader(""), &r), errEOF)
 }
+
+// The default bundle root is off the shared /tmp wherever a safer place exists; TMPDIR, when set,
+// keeps its documented meaning.
+func TestDefaultBundleRoot(t *testing.T) {
+	t.Setenv("TMPDIR", "/var/tmp/x")
+	assert.Equal(t, "/var/tmp/x/cellos-gvisor", DefaultBundleRoot())
+	t.Setenv("TMPDIR", "")
+	if os.Geteuid() == 0 {
+		assert.Equal(t, "/run/cellos-gvisor", DefaultBundleRoot())
+	} else {
+		t.Setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+		assert.Equal(t, "/run/user/1000/cellos-gvisor", DefaultBundleRoot())
+	}
+	b, err := New()
+	require.NoError(t, err)
+	t.Setenv(EnvBundleRoot, "")
+	assert.Equal(t, DefaultBundleRoot(), b.locate().root)
+}
