@@ -39,17 +39,14 @@ import (
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// Options of the hardened library that today's does not have. Each returns what to pass to
-// gvisor.New; until the library has the option it returns nothing, so that this file compiles
-// against today's code and the tests that use it fail there, as they must. Once the options
-// exist, the bodies are:
-//
-//	optAllowRoot:    return []gvisor.Option{gvisor.WithAllowRoot(allow)}
-//	optBindSources:  return []gvisor.Option{gvisor.WithBindSources(prefixes...)}
-//	optMinFreeSpace: return []gvisor.Option{gvisor.WithMinFreeSpace(bytes)}
-func optAllowRoot(allow bool) []gvisor.Option           { return nil }
-func optBindSources(prefixes ...string) []gvisor.Option { return nil }
-func optMinFreeSpace(bytes int64) []gvisor.Option       { return nil }
+// Options of the hardening, as the tests pass them to gvisor.New.
+func optAllowRoot(allow bool) []gvisor.Option { return []gvisor.Option{gvisor.WithAllowRoot(allow)} }
+func optBindSources(prefixes ...string) []gvisor.Option {
+	return []gvisor.Option{gvisor.WithBindSources(prefixes...)}
+}
+func optMinFreeSpace(bytes int64) []gvisor.Option {
+	return []gvisor.Option{gvisor.WithMinFreeSpace(bytes)}
+}
 
 // The local users of these tests.
 const (
@@ -1112,7 +1109,7 @@ func TestSecurityForgedBundleRecords(t *testing.T) {
 			})
 			pid := victim.Process.Pid
 			bundle := filepath.Join(e.root, h.CellID)
-			writeJSONFile(t, filepath.Join(bundle, "shim.pid"), pidRecordT{Pid: pid, Start: procStart(t, pid)})
+			writeJSONFile(t, filepath.Join(bundle, "shim.pid"), map[string]any{"pid": pid, "start": procStart(t, pid)})
 			if c.keeper != "" {
 				rewriteJSON(t, filepath.Join(bundle, "shim.json"), func(m map[string]any) {
 					m["pool"] = map[string]any{"keeper": c.keeper}
