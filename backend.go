@@ -296,14 +296,22 @@ func statReason(err error) string {
 }
 
 // openRoots opens the bundle root and the runsc state root under the ownership rule, creating
-// them when they do not exist. The state root is only checked: runsc opens it by path.
+// them when they do not exist. The state root is only checked: runsc opens it by path. Nothing is
+// created when either is refused.
 func openRoots(loc location) (*owned.Dir, error) {
+	if err := owned.Check(loc.runsc.Root); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("runsc state root: %w", err)
+	}
+	_, statErr := os.Lstat(loc.root)
 	root, err := owned.Ensure(loc.root, 0o711)
 	if err != nil {
 		return nil, fmt.Errorf("bundle root: %w", err)
 	}
 	state, err := owned.Ensure(loc.runsc.Root, 0o700)
 	if err != nil {
+		if statErr != nil { // made just now: leave nothing
+			_ = os.Remove(loc.root)
+		}
 		_ = root.Close()
 		return nil, fmt.Errorf("runsc state root: %w", err)
 	}
