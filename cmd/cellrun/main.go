@@ -39,10 +39,11 @@ func usage(w io.Writer) {
   cellrun config [flags] DOC.json   print the config.json the cell would run with
 
 flags:
-  --bundle-root DIR   where bundles live (default $CELLOS_GVISOR_BUNDLE_ROOT or $TMPDIR/cellos-gvisor)
+  --bundle-root DIR   where bundles live (default $CELLOS_GVISOR_BUNDLE_ROOT, else /run/cellos-gvisor for root)
   --runsc PATH        the runsc binary (default $CELLOS_GVISOR_RUNSC_BIN or runsc on $PATH)
   --platform NAME     runsc platform (ptrace, systrap)
   --keep              run: leave the bundle in place after the cell exits (destroy it later)
+  --allow-root        let the cell's process (or an exec'd one) run as uid or gid 0 inside the cell
   --debug             log what the library does to stderr
 `+operateUsage)
 }
@@ -64,6 +65,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	platform := fs.String("platform", "", "")
 	keep := fs.Bool("keep", false, "")
 	debug := fs.Bool("debug", false, "")
+	allowRoot := fs.Bool("allow-root", false, "")
 	if err := fs.Parse(rest); err != nil {
 		return 2
 	}
@@ -72,7 +74,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	// One cell per invocation: a spare shim would only be started to be thrown away.
-	opts := []gvisor.Option{gvisor.WithSpareShim(false)}
+	opts := []gvisor.Option{gvisor.WithSpareShim(false), gvisor.WithAllowRoot(*allowRoot)}
 	if *bundleRoot != "" {
 		opts = append(opts, gvisor.WithBundleRoot(*bundleRoot))
 	}

@@ -59,6 +59,7 @@ func runOperate(cmd string, args []string, stdout, stderr io.Writer) (code int, 
 	debug := fs.Bool("debug", false, "")
 	platform := fs.String("platform", "", "")
 	keep := fs.Bool("keep", false, "")
+	allowRoot := fs.Bool("allow-root", false, "")
 	user := fs.String("user", "", "")
 	cwd := fs.String("cwd", "", "")
 	var env envFlag
@@ -72,7 +73,7 @@ func runOperate(cmd string, args []string, stdout, stderr io.Writer) (code int, 
 		return 2, true
 	}
 	// One cell per invocation: a spare shim would only be started to be thrown away.
-	opts := []gvisor.Option{gvisor.WithSpareShim(false)}
+	opts := []gvisor.Option{gvisor.WithSpareShim(false), gvisor.WithAllowRoot(*allowRoot)}
 	if *bundleRoot != "" {
 		opts = append(opts, gvisor.WithBundleRoot(*bundleRoot))
 	}
