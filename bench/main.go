@@ -39,11 +39,12 @@ func main() {
 	mode := flag.String("mode", "compare", "compare: library vs raw runsc; pool: warm pool vs cold starts")
 	runscs := flag.String("runsc", "runsc", "pool mode: the runsc binaries to measure, separated by spaces or commas")
 	spare := flag.Bool("spare", true, "compare mode: the library keeps a spare shim (gvisor.WithSpareShim)")
+	limits := flag.Bool("limits", true, "compare mode: cells get the library's default limits (cgroups; raw runsc gets the same config); false: gvisor.WithDefaultResources(gvisor.DefaultResources{})")
 	flag.Parse()
 	var err error
 	switch *mode {
 	case "compare":
-		err = run(*n, *conc, *resident, *out, *spare)
+		err = run(*n, *conc, *resident, *out, *spare, *limits)
 	case "pool":
 		err = runPool(*n, runscList(*runscs), *out)
 	default:
@@ -70,14 +71,18 @@ type bench struct {
 	template string   // a bundle directory to copy for raw runs
 }
 
-func run(n int, concList string, resident int, outDir string, spare bool) error {
+func run(n int, concList string, resident int, outDir string, spare, limits bool) error {
 	work, err := os.MkdirTemp("", "cellbench-")
 	if err != nil {
 		return err
 	}
 	defer removeWork(work)
 	bn := &bench{root: filepath.Join(work, "lib"), rawRoot: filepath.Join(work, "raw")}
-	if bn.b, err = gvisor.New(gvisor.WithBundleRoot(bn.root), gvisor.WithSpareShim(spare)); err != nil {
+	opts := []gvisor.Option{gvisor.WithBundleRoot(bn.root), gvisor.WithSpareShim(spare)}
+	if !limits {
+		opts = append(opts, gvisor.WithDefaultResources(gvisor.DefaultResources{}))
+	}
+	if bn.b, err = gvisor.New(opts...); err != nil {
 		return err
 	}
 	if err := bn.prepareRaw(); err != nil {
