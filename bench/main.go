@@ -189,8 +189,13 @@ func (bn *bench) prepareRaw() error {
 	if err := os.MkdirAll(bn.rawRoot, 0o711); err != nil {
 		return err
 	}
-	if out, err := exec.Command("cp", "-a", filepath.Join(bn.root, "template"), bn.template).CombinedOutput(); err != nil {
-		return fmt.Errorf("cp: %v: %s", err, out)
+	if err := os.Mkdir(bn.template, 0o700); err != nil {
+		return err
+	}
+	// Everything but the control namespace pin (a mount of the library's cell, not a file).
+	copyCmd := fmt.Sprintf("tar -C %q --exclude=./control.netns -cf - . | tar -C %q -xf -", filepath.Join(bn.root, "template"), bn.template)
+	if out, err := exec.Command("/bin/sh", "-c", copyCmd).CombinedOutput(); err != nil {
+		return fmt.Errorf("copying the template bundle: %v: %s", err, out)
 	}
 	_, err = bn.b.Destroy(ctx, h)
 	return err
@@ -357,20 +362,22 @@ func sleepingTemplate(src, dst string) error {
 	return os.WriteFile(path, data, 0o644)
 }
 
-// classify sums the PSS of the processes whose command line mentions dir: the shims, the runsc
-// CLI processes (`runsc ... run`) and the sandboxes and gofers.
+// classify sums the PSS of the processes of dir: the shims (working in a bundle of dir), the
+// runsc CLI processes (`runsc ... run`) and the sandboxes and gofers (their command lines name
+// dir).
 func classify(dir string) map[string]int64 {
 	out := map[string]int64{}
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		data, err := os.ReadFile(p)
-		if err != nil || !bytes.Contains(data, []byte(dir)) {
+		cwd, _ := os.Readlink(filepath.Join(filepath.Dir(p), "cwd"))
+		if err != nil || (!bytes.Contains(data, []byte(dir)) && !strings.HasPrefix(cwd, dir+"/")) {
 			continue
 		}
 		pss := pssOf(filepath.Dir(p))
 		args := strings.Split(string(data), "\x00")
 		switch {
-		case args[0] == "cellos-gvisor-shim":
+		case args[0] == "cellos-gvisor-shim" && strings.HasPrefix(cwd, dir+"/"):
 			out["shim"] += pss
 		case slices.Contains(args, "run"):
 			out["runsc"] += pss
