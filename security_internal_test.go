@@ -53,9 +53,11 @@ func TestFakeDefaultLimits(t *testing.T) {
 	var shim shimConfig
 	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), fileShim), &shim))
 	assert.Equal(t, int64(2), shim.TTLSeconds, "the default lifetime, rounded up to seconds")
-	assert.NotContains(t, e.calls("run")[0].Args, "--ignore-cgroups")
 	_, err := e.wait("limits")
 	require.NoError(t, err)
+	runs := e.calls("run")
+	require.Len(t, runs, 1)
+	assert.NotContains(t, runs[0].Args, "--ignore-cgroups")
 	e.destroy("limits")
 	assert.Empty(t, e.b.cg.Dirs(e.runscID("limits")))
 
