@@ -513,12 +513,25 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 		case msg == "ok":
 		case strings.HasPrefix(msg, "error: "):
 			return cellos.Errorf("create", id, cellos.ErrHost, "%s", strings.TrimPrefix(msg, "error: "))
+		case spare && !startedRunsc(dir):
+			// The spare died (killed from outside) before it did anything for the cell: the
+			// request went into its pipe as it was dying.
+			_ = s.cmd.Wait()
+			c.shim, c.pid = nil, pidRecord{}
+			continue
 		default:
 			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(dir, fileShimLog))
 		}
 		time.AfterFunc(spareDelay, b.refillSpare) // unless the cell exits sooner (watch)
 		return nil
 	}
+}
+
+// startedRunsc tells whether a shim got as far as starting runsc for the bundle: it writes
+// shim.pid just before. Only a hint for retrying with another shim, never an instruction.
+func startedRunsc(dir *owned.Dir) bool {
+	_, err := dir.Lstat(fileShimPid)
+	return err == nil
 }
 
 // shimProcess returns the spare shim, or a shim started now; spare tells which.

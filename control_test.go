@@ -95,3 +95,14 @@ func runscVersion(t *testing.T, bin string) string {
 	require.NoError(t, err)
 	return string(out)
 }
+
+// An exec'd process's output is capped like the cell's own streams.
+func TestSecurityExecOutputCapped(t *testing.T) {
+	t.Parallel()
+	e := newRealEnv(t, gvisor.WithOutputCap(1000))
+	h := e.create(sh("exec-cap", "sleep 60"))
+	st, out, _, err := e.execIn(h.CellID, argv("/bin/sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x"))
+	require.NoError(t, err)
+	require.Equal(t, 0, st.Code)
+	assert.Equal(t, strings.Repeat("x", 1000)+"\n[cellos: stdout truncated]\n", out)
+}

@@ -411,10 +411,15 @@ func TestOperateCheckpointRestore(t *testing.T) {
 	h := e.create(counterDoc("op-ckpt-src"))
 	e.waitOutput(h.CellID, hasLine("5 4"))
 	require.NoError(t, e.b.Checkpoint(context.Background(), h.CellID, image))
-	assert.FileExists(t, filepath.Join(image, "checkpoint.img"))
+	fi, err := os.Stat(filepath.Join(image, "checkpoint.img"))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "the image holds the cell's memory: the euid's only")
+	fi, err = os.Stat(image)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
 
 	// The checkpointed cell stopped; it did not exit, and does not pretend to.
-	_, err := e.b.WaitForExit(context.Background(), h.CellID)
+	_, err = e.b.WaitForExit(context.Background(), h.CellID)
 	require.Error(t, err)
 	assert.ErrorIs(t, err, gvisor.ErrCheckpointed)
 	assert.ErrorIs(t, err, cellos.ErrHost)
@@ -584,4 +589,41 @@ func TestOperateExecRightAfterCreate(t *testing.T) {
 	h2 := e.create(sh("op-stats-early", "sleep 60"))
 	_, err = e.b.Stats(context.Background(), h2.CellID)
 	require.NoError(t, err)
+}
+
+// A Checkpoint that races the workload's own exit 0 reports what happened: either the cell was
+// saved (an image, and WaitForExit says checkpointed) or it exited first (Checkpoint's error
+// wraps ErrCellExited and WaitForExit gives the exit) — never "checkpointed" to an empty image.
+func TestOperateCheckpointRacingExit(t *testing.T) {
+	t.Parallel()
+	e := newRealEnv(t)
+	outcomes := map[string]int{}
+	for i, delay := range []string{"0.05", "0.1", "0.2", "0.3", "0.4", "0.6"} {
+		id := fmt.Sprintf("op-ckpt-race-%d", i)
+		image := filepath.Join(t.TempDir(), "image")
+		h := e.create(sh(id, "echo up; sleep "+delay+"; exit 0"))
+		e.waitOutput(h.CellID, hasLine("up"))
+		cerr := e.b.Checkpoint(context.Background(), h.CellID, image)
+		st, werr := e.b.WaitForExit(context.Background(), h.CellID)
+		switch {
+		case cerr == nil:
+			outcomes["checkpointed"]++
+			require.ErrorIs(t, werr, gvisor.ErrCheckpointed, "delay %s", delay)
+			fi, err := os.Stat(filepath.Join(image, "checkpoint.img"))
+			require.NoError(t, err, "a checkpoint reported without an image")
+			assert.Positive(t, fi.Size())
+		case errors.Is(cerr, gvisor.ErrCellExited):
+			outcomes["exited"]++
+			require.NoError(t, werr, "delay %s", delay)
+			assert.Equal(t, cellos.ExitStatus{Reason: cellos.ExitExited}, st)
+		default:
+			// runsc's own failure (the container went away under it): the exit still stands.
+			outcomes["runsc failed"]++
+			require.ErrorIs(t, cerr, cellos.ErrHost)
+			require.NoError(t, werr, "a failed checkpoint hides the exit: %v", cerr)
+			assert.Equal(t, cellos.ExitStatus{Reason: cellos.ExitExited}, st)
+		}
+		e.destroy(h)
+	}
+	t.Logf("outcomes: %v", outcomes)
 }

@@ -235,3 +235,26 @@ func TestDefaultBundleRoot(t *testing.T) {
 	t.Setenv(EnvBundleRoot, "")
 	assert.Equal(t, DefaultBundleRoot(), b.locate().root)
 }
+
+// An image root's overlay is mounted nosuid and nodev: a setuid binary or a device node of the
+// image means nothing on the host.
+func TestImageOverlayNosuidNodev(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting needs root")
+	}
+	image := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(image, "f"), []byte("x"), 0o4755))
+	root := ownedDir(t, t.TempDir())
+	bundle, err := root.Mkdir("c", 0o700)
+	require.NoError(t, err)
+	defer bundle.Close()
+	rootfs, err := bundle.Mkdir(dirRootfs, 0o755)
+	require.NoError(t, err)
+	_ = rootfs.Close()
+	require.NoError(t, mountImage(bundle, image))
+	t.Cleanup(func() { assert.NoError(t, removeBundle(root, "c")) })
+	var st unix.Statfs_t
+	require.NoError(t, unix.Statfs(filepath.Join(bundle.Path(), dirRootfs), &st))
+	assert.NotZero(t, st.Flags&unix.ST_NOSUID, "nosuid")
+	assert.NotZero(t, st.Flags&unix.ST_NODEV, "nodev")
+}
