@@ -492,12 +492,12 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 		if err != nil {
 			return cellos.Errorf("create", id, cellos.ErrHost, "starting the shim: %w", err)
 		}
-		c.shim, c.pid = s.cmd, s.ident
+		c.shim, c.pid = s, s.ident
 		err = s.send(req)
 		_ = s.requests.Close()
 		if err != nil {
 			_ = s.answers.Close()
-			_ = s.cmd.Wait()
+			<-s.exited
 			c.shim, c.pid = nil, pidRecord{}
 			if spare {
 				continue // it was gone (killed from outside) before it read anything
@@ -516,7 +516,7 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 		case spare && !startedRunsc(dir):
 			// The spare died (killed from outside) before it did anything for the cell: the
 			// request went into its pipe as it was dying.
-			_ = s.cmd.Wait()
+			<-s.exited
 			c.shim, c.pid = nil, pidRecord{}
 			continue
 		default:
@@ -607,7 +607,7 @@ func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
 		}
 	}
 	if c.shim != nil {
-		_ = c.shim.Wait()
+		<-c.shim.exited
 	}
 	return nil
 }
@@ -888,10 +888,10 @@ func (b *Backend) forceDelete(c *cell) error {
 // undoCreate removes what a failed Create made.
 func (b *Backend) undoCreate(c *cell, root *owned.Dir, wantsCg bool) error {
 	var errs []error
-	if c.shim != nil && c.shim.Process != nil {
+	if c.shim != nil {
 		_ = proc.KillTree(c.pid)
-		_ = c.shim.Process.Kill() // through its pidfd
-		_ = c.shim.Wait()
+		_ = c.shim.cmd.Process.Kill() // through its pidfd
+		<-c.shim.exited
 	}
 	if len(c.runsc.stateFiles(c.paths.runscID)) > 0 {
 		if err := b.forceDelete(c); err != nil {

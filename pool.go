@@ -607,7 +607,7 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 	}
 	e.keeper = k
 	go func() {
-		_ = k.cmd.Wait()
+		<-k.exited
 		close(e.exited)
 		p.keeperExited(e)
 	}()

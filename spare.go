@@ -42,6 +42,7 @@ type shimProc struct {
 	answers  *os.File
 	rd       *bufio.Reader
 	requests *os.File
+	exited   chan struct{} // closed once the process has exited and been reaped
 }
 
 // startShimProc starts this binary as argv0 (a shim or a keeper): in a session of its own, with
@@ -73,12 +74,26 @@ func startShimProc(argv0 string) (*shimProc, error) {
 		_ = requestsW.Close()
 		return nil, err
 	}
-	s := &shimProc{cmd: cmd, answers: answersR, rd: bufio.NewReader(answersR), requests: requestsW}
+	exited := make(chan struct{})
+	// The reaper holds the process only, not the pipes: a spare of a Backend that was never
+	// closed sees its request pipe close when the Backend is collected, exits and is reaped.
+	go func() { _ = cmd.Wait(); close(exited) }()
+	s := &shimProc{cmd: cmd, answers: answersR, rd: bufio.NewReader(answersR), requests: requestsW, exited: exited}
 	if s.ident, err = proc.IdentOf(cmd.Process.Pid); err != nil {
 		s.discard()
 		return nil, err
 	}
 	return s, nil
+}
+
+// wait blocks until the process has exited, within d; false when it has not.
+func (s *shimProc) wait(d time.Duration) bool {
+	select {
+	case <-s.exited:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
 
 // send writes one request. It fails when the process is gone (its end of the pipe closed).
@@ -88,13 +103,9 @@ func (s *shimProc) send(v any) error { return sendRequest(s.requests, v) }
 func (s *shimProc) discard() {
 	_ = s.requests.Close()
 	_ = s.answers.Close()
-	done := make(chan struct{})
-	go func() { _ = s.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(shimExitGrace):
+	if !s.wait(shimExitGrace) {
 		_ = s.cmd.Process.Kill() // through its pidfd: never another process
-		<-done
+		<-s.exited
 	}
 }
 

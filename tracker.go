@@ -1,7 +1,6 @@
 package gvisor
 
 import (
-	"os/exec"
 	"sync"
 	"sync/atomic"
 
@@ -22,7 +21,7 @@ type cell struct {
 	handle cellos.CellHandle
 
 	dir      *owned.Dir // the bundle directory, opened when the cell was created or found
-	shim     *exec.Cmd  // the shim when this process started it; nil for adopted cells
+	shim     *shimProc  // the shim when this process started it; nil for adopted cells
 	pid      pidRecord
 	follower *follow.Follower
 	memory   string // the memory cgroup directory, "" without limits
