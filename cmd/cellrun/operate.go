@@ -1,12 +1,15 @@
 package main
 
+// The operator's verbs work on the cells of a bundle root, whichever process created them (a
+// running supervisor, a `cellrun run --keep`): each attaches to the cell (Backend.Attach), does
+// its one thing and leaves the cell to its owner. Where runc has a verb that does the same, the
+// verb has runc's name.
+
 import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"strconv"
@@ -14,198 +17,297 @@ import (
 	"syscall"
 	"text/tabwriter"
 
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	gvisor "github.com/cellos/cellos-host-gvisor"
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// The operator's commands work on the cells of a bundle root, whichever process created them (a
-// running supervisor, a `cellrun run --keep`): each attaches to the cell (Backend.Attach), does
-// its one thing and leaves the cell to its owner.
-
-const operateUsage = `
-operating on the cells of a bundle root (a running supervisor's, or cellrun run's):
-  cellrun list [flags]                         the cells and their status
-  cellrun exec [flags] [--user UID[:GID]] [--cwd DIR] [--env K=V]... ID -- ARGV...
-                                               run ARGV inside the cell; exit with its exit code
-  cellrun signal [flags] ID SIGNAL             send SIGNAL (TERM, SIGHUP, 9) to the cell's main process
-  cellrun stats [flags] ID                     memory, CPU and task figures, as JSON
-  cellrun pause [flags] ID                     freeze the cell
-  cellrun resume [flags] ID                    thaw it
-  cellrun checkpoint [flags] ID DIR            save the cell into DIR and stop it
-  cellrun restore [flags] DOC.json DIR         run DOC's cell from the checkpoint in DIR, as run does
-  cellrun destroy [flags] ID                   kill the cell and remove everything of it
-`
-
-// operateArgs is how many arguments each command takes after its flags (-1: at least one more).
-var operateArgs = map[string]int{
-	"list": 0, "exec": -1, "signal": 2, "stats": 1, "pause": 1, "resume": 1,
-	"checkpoint": 2, "restore": 2, "destroy": 1,
+// attached is a Backend that tracks cell id, which another process created.
+func (c *cli) attached(ctx context.Context, id string) (*gvisor.Backend, error) {
+	b, err := gvisor.New(c.g.options()...)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := b.Attach(ctx, id); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
-// runOperate runs one of the operator's commands; ok is false when cmd is not one of them.
-func runOperate(cmd string, args []string, stdout, stderr io.Writer) (code int, ok bool) {
-	nargs, ok := operateArgs[cmd]
-	if !ok {
-		return 0, false
-	}
-	fs := flag.NewFlagSet("cellrun "+cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { usage(stderr) }
-	bundleRoot := fs.String("bundle-root", "", "")
-	runscPath := fs.String("runsc", "", "")
-	debug := fs.Bool("debug", false, "")
-	platform := fs.String("platform", "", "")
-	keep := fs.Bool("keep", false, "")
-	allowRoot := fs.Bool("allow-root", false, "")
-	user := fs.String("user", "", "")
-	cwd := fs.String("cwd", "", "")
-	var env envFlag
-	fs.Var(&env, "env", "")
-	if err := fs.Parse(args); err != nil {
-		return 2, true
-	}
-	rest := fs.Args()
-	if (nargs >= 0 && len(rest) != nargs) || (nargs < 0 && len(rest) < 2) {
-		usage(stderr)
-		return 2, true
-	}
-	// One cell per invocation: a spare shim would only be started to be thrown away.
-	opts := []gvisor.Option{gvisor.WithSpareShim(false), gvisor.WithAllowRoot(*allowRoot)}
-	if *bundleRoot != "" {
-		opts = append(opts, gvisor.WithBundleRoot(*bundleRoot))
-	}
-	if *runscPath != "" {
-		opts = append(opts, gvisor.WithRunscPath(*runscPath))
-	}
-	if *platform != "" {
-		opts = append(opts, gvisor.WithPlatform(*platform))
-	}
-	if *debug {
-		cfg := zap.NewDevelopmentConfig()
-		cfg.OutputPaths = []string{"stderr"}
-		if l, err := cfg.Build(); err == nil {
-			opts = append(opts, gvisor.WithLogger(l))
-		}
-	}
-	if cmd == "restore" {
-		doc, err := readDocument(rest[0])
+// onCell is a verb that attaches to the cell its first argument names and calls do.
+func (c *cli) onCell(do func(ctx context.Context, b *gvisor.Backend, id string, args []string) error) func([]string) int {
+	return func(args []string) int {
+		ctx := context.Background()
+		b, err := c.attached(ctx, args[0])
 		if err != nil {
-			fmt.Fprintf(stderr, "cellrun: %v\n", err)
-			return exitFailure, true
+			return c.fail(err)
 		}
-		opts = append(opts, gvisor.WithOutput(func(string) (io.Writer, io.Writer) { return stdout, stderr }))
-		b, err := gvisor.New(opts...)
+		if err := do(ctx, b, args[0], args[1:]); err != nil {
+			return c.fail(err)
+		}
+		return 0
+	}
+}
+
+func (c *cli) listCommand() *command {
+	cmd := newCommand("list")
+	cmd.group = groupOperate
+	cmd.summary = "the cells of the bundle root and their status"
+	cmd.long = `
+List shows every cell of the bundle root, whichever process created it, with its status: running,
+paused, exited (with its exit status), failed, checkpointed, or lost (no shim and no record: being
+created, or its shim died). It reads the bundles only.`
+	cmd.check = exactly(0)
+	cmd.run = func([]string) int {
+		b, err := gvisor.New(c.g.options()...)
 		if err != nil {
-			fmt.Fprintf(stderr, "cellrun: %v\n", err)
-			return exitFailure, true
+			return c.fail(err)
 		}
-		image := rest[1]
-		restore := func(ctx context.Context, doc *cellos.ExecutionCellDocument) (cellos.CellHandle, error) {
-			return b.Restore(ctx, doc, image)
-		}
-		return runCell(b, restore, doc, *keep, stderr), true
-	}
-	b, err := gvisor.New(opts...)
-	if err != nil {
-		fmt.Fprintf(stderr, "cellrun: %v\n", err)
-		return exitFailure, true
-	}
-	fail := func(err error) (int, bool) {
-		fmt.Fprintf(stderr, "cellrun: %v\n", err)
-		return exitFailure, true
-	}
-	ctx := context.Background()
-	if cmd == "list" {
-		cells, err := b.List(ctx)
+		cells, err := b.List(context.Background())
 		if err != nil {
-			return fail(err)
+			return c.fail(err)
 		}
-		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+		tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tSTATUS\tEXIT")
-		for _, c := range cells {
+		for _, cell := range cells {
 			exit := ""
-			if c.Exit != nil {
-				exit = fmt.Sprintf("%s %d", c.Exit.Reason, c.Exit.Code)
+			if cell.Exit != nil {
+				exit = fmt.Sprintf("%s %d", cell.Exit.Reason, cell.Exit.Code)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\n", c.ID, c.Status, exit)
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", cell.ID, cell.Status, exit)
 		}
 		_ = tw.Flush()
-		return 0, true
+		return 0
 	}
-	id := rest[0]
-	if _, err := b.Attach(ctx, id); err != nil && (cmd != "destroy" || !errors.Is(err, cellos.ErrNotTracked)) {
-		return fail(err) // destroy also removes what is left of a cell no shim runs
+	return cmd
+}
+
+func (c *cli) execCommand() *command {
+	cmd := newCommand("exec")
+	cmd.group = groupOperate
+	cmd.summary = "run a process inside a running cell; exit with its exit code"
+	cmd.args = "ID [--] ARGV..."
+	cmd.long = `
+Exec runs ARGV inside cell ID with the cell's isolation (its sandbox and mounts, no capabilities,
+no new privileges), copies its stdout and stderr to cellrun's own and exits with its exit code.
+SIGINT (Ctrl-C), SIGTERM and SIGHUP kill the exec'd process and its descendants, not the cell
+(exit 130). The -- before ARGV may be left out.`
+	user := cmd.flags.String("user", "", "run as `UID[:GID]` (default the cell's user; the gid defaults to the uid)")
+	cwd := cmd.flags.String("cwd", "", "run in `DIR` (default the cell's working directory)")
+	var env envFlag
+	cmd.flags.Var(&env, "env", "add `KEY=VALUE` to the cell's environment; may be repeated")
+	cmd.check = func(args []string) error {
+		if len(args) > 1 && args[1] == "--" {
+			args = args[1:]
+		}
+		if len(args) < 2 {
+			return fmt.Errorf("missing arguments: want ID and ARGV, got %d", len(args))
+		}
+		return nil
 	}
-	switch cmd {
-	case "exec":
-		argv := rest[1:]
+	cmd.run = func(args []string) int {
+		id, argv := args[0], args[1:]
 		if argv[0] == "--" {
 			argv = argv[1:]
 		}
-		run := cellos.RunSpec{Argv: argv, Env: env.vars, WorkingDir: *cwd}
+		spec := cellos.RunSpec{Argv: argv, Env: env.vars, WorkingDir: *cwd}
 		if *user != "" {
 			u, err := parseUser(*user)
 			if err != nil {
-				return fail(err)
+				return c.fail(err)
 			}
-			run.User = &u
+			spec.User = &u
+		}
+		ctx := context.Background()
+		b, err := c.attached(ctx, id)
+		if err != nil {
+			return c.fail(err)
 		}
 		ictx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 		defer stop()
-		st, err := b.Exec(ictx, id, run, stdout, stderr)
+		st, err := b.Exec(ictx, id, spec, c.stdout, c.stderr)
 		if err != nil {
 			if ictx.Err() != nil && ctx.Err() == nil {
-				fmt.Fprintf(stderr, "cellrun: interrupted: the process was killed\n")
-				return 128 + int(syscall.SIGINT), true
+				fmt.Fprintf(c.stderr, "cellrun: interrupted: the process was killed\n")
+				return 128 + int(syscall.SIGINT)
 			}
-			return fail(err)
+			return c.fail(err)
 		}
-		return st.Code, true
-	case "signal":
-		sig, err := parseSignal(rest[1])
-		if err != nil {
-			return fail(err)
+		return st.Code
+	}
+	return cmd
+}
+
+func (c *cli) killCommand() *command {
+	cmd := newCommand("kill")
+	cmd.aliases = []string{"signal"}
+	cmd.group = groupOperate
+	cmd.summary = "send a signal to a cell's main process"
+	cmd.args = "ID [SIGNAL]"
+	cmd.long = `
+Kill sends SIGNAL (default TERM) to cell ID's main process, as runc kill does: the workload
+decides what its children get; exec'd processes are not signalled. SIGNAL is a name (TERM), a SIG
+name (SIGTERM) or a number (15). gVisor does not shield a cell's init from signals it does not
+handle, so TERM ends a workload that does not trap it. Delete stops a cell for good and removes it.`
+	cmd.check = between(1, 2)
+	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, args []string) error {
+		sig := syscall.SIGTERM
+		if len(args) > 0 {
+			var err error
+			if sig, err = parseSignal(args[0]); err != nil {
+				return err
+			}
 		}
-		if err := b.Signal(ctx, id, sig); err != nil {
-			return fail(err)
-		}
-	case "stats":
+		return b.Signal(ctx, id, sig)
+	})
+	return cmd
+}
+
+func (c *cli) statsCommand() *command {
+	cmd := newCommand("stats")
+	cmd.group = groupOperate
+	cmd.summary = "a cell's memory, CPU and task figures, as JSON"
+	cmd.args = "ID"
+	cmd.long = `
+Stats prints cell ID's figures as JSON: memoryBytes (in use inside the sandbox), pids (its
+tasks), and cpuNanos and hostMemoryBytes (what the cell costs the host, the sandbox's own
+overhead included).`
+	cmd.check = exactly(1)
+	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
 		st, err := b.Stats(ctx, id)
 		if err != nil {
-			return fail(err)
+			return err
 		}
-		data, _ := json.MarshalIndent(st, "", "  ")
-		fmt.Fprintf(stdout, "%s\n", data)
-	case "pause":
-		if err := b.Pause(ctx, id); err != nil {
-			return fail(err)
+		data, err := json.MarshalIndent(st, "", "  ")
+		if err != nil {
+			return err
 		}
-	case "resume":
-		if err := b.Resume(ctx, id); err != nil {
-			return fail(err)
+		fmt.Fprintf(c.stdout, "%s\n", data)
+		return nil
+	})
+	return cmd
+}
+
+func (c *cli) pauseCommand() *command {
+	cmd := newCommand("pause")
+	cmd.group = groupOperate
+	cmd.summary = "freeze every process of a cell"
+	cmd.args = "ID"
+	cmd.long = `
+Pause freezes every process of cell ID. A paused cell answers stats and can be deleted; exec into
+it and checkpoint of it are refused. Resume thaws it.`
+	cmd.check = exactly(1)
+	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
+		return b.Pause(ctx, id)
+	})
+	return cmd
+}
+
+func (c *cli) resumeCommand() *command {
+	cmd := newCommand("resume")
+	cmd.group = groupOperate
+	cmd.summary = "thaw a paused cell"
+	cmd.args = "ID"
+	cmd.long = `
+Resume thaws cell ID, which pause froze.`
+	cmd.check = exactly(1)
+	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
+		return b.Resume(ctx, id)
+	})
+	return cmd
+}
+
+func (c *cli) checkpointCommand() *command {
+	cmd := newCommand("checkpoint")
+	cmd.group = groupOperate
+	cmd.summary = "save a cell into a directory and stop it"
+	cmd.args = "ID DIR"
+	cmd.long = `
+Checkpoint saves cell ID (its processes, memory and tmpfs contents) into DIR and stops it; it
+returns once the cell has stopped. 'cellrun restore DOC.json DIR' runs it on. The checkpointed
+cell has no exit status of its own and still needs delete. A paused cell is refused.`
+	cmd.check = exactly(2)
+	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, args []string) error {
+		if err := b.Checkpoint(ctx, id, args[0]); err != nil {
+			return err
 		}
-	case "checkpoint":
-		if err := b.Checkpoint(ctx, id, rest[1]); err != nil {
-			return fail(err)
+		fmt.Fprintf(c.stderr, "cellrun: cell %q checkpointed to %s and stopped; `cellrun restore DOC.json %s` runs it on\n", id, args[0], args[0])
+		return nil
+	})
+	return cmd
+}
+
+func (c *cli) restoreCommand() *command {
+	cmd := newCommand("restore")
+	cmd.group = groupOperate
+	cmd.summary = "run a cell from a checkpoint in a directory, as run does"
+	cmd.args = "DOC.json DIR"
+	cmd.long = `
+Restore runs the cell DOC.json describes from the checkpoint image in DIR, and then does what run
+does: streams its output, destroys it when it ends (unless --keep) and exits with its exit code.
+DOC.json describes the cell as it was checkpointed (the same mounts, root and resources); its id
+and lifetime are new, the lifetime counting from the restore.`
+	keep := cmd.flags.Bool("keep", false, "leave the bundle in place after the cell exits ('cellrun delete ID' removes it)")
+	cmd.check = exactly(2)
+	cmd.run = func(args []string) int {
+		doc, err := readDocument(args[0])
+		if err != nil {
+			return c.fail(err)
 		}
-		fmt.Fprintf(stderr, "cellrun: cell %q checkpointed to %s and stopped; `cellrun restore DOC.json %s` runs it on\n", id, rest[1], rest[1])
-	case "destroy":
+		b, err := c.foregroundBackend()
+		if err != nil {
+			return c.fail(err)
+		}
+		image := args[1]
+		restore := func(ctx context.Context, doc *cellos.ExecutionCellDocument) (cellos.CellHandle, error) {
+			return b.Restore(ctx, doc, image)
+		}
+		return runCell(b, restore, doc, *keep, c.stderr)
+	}
+	return cmd
+}
+
+func (c *cli) deleteCommand() *command {
+	cmd := newCommand("delete")
+	cmd.aliases = []string{"destroy"}
+	cmd.group = groupOperate
+	cmd.summary = "kill a cell and remove everything of it"
+	cmd.args = "ID"
+	cmd.long = `
+Delete kills cell ID and removes everything of it (processes, cgroups, network, mounts, bundle),
+as runc delete --force does, and says whether nothing is left. It also removes what is left of a
+cell no shim runs: one run --keep kept, one whose shim died. Deleting a supervisor's cell kills
+it; the supervisor sees it end.`
+	cmd.check = exactly(1)
+	cmd.run = func(args []string) int {
+		ctx := context.Background()
+		id := args[0]
+		b, err := gvisor.New(c.g.options()...)
+		if err != nil {
+			return c.fail(err)
+		}
+		// A cell no shim runs cannot be attached; Destroy removes what is left of it all the same.
+		if _, err := b.Attach(ctx, id); err != nil && !errors.Is(err, cellos.ErrNotTracked) {
+			return c.fail(err)
+		}
 		rep, err := b.Destroy(ctx, cellos.CellHandle{CellID: id})
 		if err != nil {
-			return fail(err)
+			return c.fail(err)
 		}
-		fmt.Fprintf(stderr, "cellrun: cell %q destroyed: %v\n", id, rep.Destroyed)
+		fmt.Fprintf(c.stderr, "cellrun: cell %q destroyed: %v\n", id, rep.Destroyed)
+		return 0
 	}
-	return 0, true
+	return cmd
 }
 
 // envFlag collects --env KEY=VALUE flags.
 type envFlag struct{ vars map[string]string }
 
 func (e *envFlag) String() string { return "" }
+
+// repeatable marks the flag as one that may be given more than once, for the usage line.
+func (e *envFlag) repeatable() bool { return true }
 
 func (e *envFlag) Set(kv string) error {
 	k, v, ok := strings.Cut(kv, "=")

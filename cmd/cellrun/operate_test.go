@@ -34,8 +34,8 @@ func requireRunsc(t *testing.T) {
 	}
 }
 
-// cli runs cellrun with args and returns its exit code and output.
-func cli(args ...string) (int, string, string) {
+// runCLI runs cellrun with args and returns its exit code and output.
+func runCLI(args ...string) (int, string, string) {
 	var stdout, stderr bytes.Buffer
 	code := run(args, &stdout, &stderr)
 	return code, stdout.String(), stderr.String()
@@ -64,46 +64,46 @@ func TestOperateCLI(t *testing.T) {
 	}, 20*time.Second, 10*time.Millisecond)
 	flag := "--bundle-root=" + root
 
-	code, out, errOut := cli("exec", flag, "--user", "1000:1001", "--env", "A=b", "op-cli", "--", "/bin/sh", "-c", `echo "$A $(id -u):$(id -g)"; exit 3`)
+	code, out, errOut := runCLI("exec", flag, "--user", "1000:1001", "--env", "A=b", "op-cli", "--", "/bin/sh", "-c", `echo "$A $(id -u):$(id -g)"; exit 3`)
 	assert.Equal(t, 3, code, errOut)
 	assert.Equal(t, "b 1000:1001\n", out)
 
-	code, out, errOut = cli("stats", flag, "op-cli")
+	code, out, errOut = runCLI(flag, "stats", "op-cli")
 	require.Equal(t, 0, code, errOut)
 	var st gvisor.Stats
 	require.NoError(t, json.Unmarshal([]byte(out), &st))
 	assert.NotZero(t, st.MemoryBytes)
 	assert.NotZero(t, st.Pids)
 
-	code, _, errOut = cli("pause", flag, "op-cli")
+	code, _, errOut = runCLI(flag, "pause", "op-cli")
 	require.Equal(t, 0, code, errOut)
-	code, out, _ = cli("list", flag)
+	code, out, _ = runCLI("list", flag)
 	require.Equal(t, 0, code)
 	assert.Regexp(t, `(?m)^op-cli\s+paused\s*$`, out)
-	code, _, errOut = cli("resume", flag, "op-cli")
+	code, _, errOut = runCLI("resume", flag, "op-cli")
 	require.Equal(t, 0, code, errOut)
 
-	code, _, errOut = cli("signal", flag, "op-cli", "TERM")
+	code, _, errOut = runCLI("kill", flag, "op-cli", "TERM")
 	require.Equal(t, 0, code, errOut)
 	status, err := sup.WaitForExit(ctx, h.CellID)
 	require.NoError(t, err)
 	assert.Equal(t, cellos.ExitStatus{Code: 9, Reason: cellos.ExitExited}, status)
-	code, out, _ = cli("list", flag)
+	code, out, _ = runCLI("list", flag)
 	require.Equal(t, 0, code)
 	assert.Regexp(t, `(?m)^op-cli\s+exited\s+exited 9\s*$`, out)
 
-	code, _, errOut = cli("exec", flag, "op-cli", "--", "/bin/true")
+	code, _, errOut = runCLI("exec", flag, "op-cli", "--", "/bin/true")
 	assert.Equal(t, exitFailure, code)
 	assert.Contains(t, errOut, "not running")
-	code, _, errOut = cli("stats", flag, "op-nosuch")
+	code, _, errOut = runCLI("stats", flag, "op-nosuch")
 	assert.Equal(t, exitFailure, code)
 	assert.Contains(t, errOut, "not tracked")
-	code, _, _ = cli("signal", flag, "op-cli", "NOSUCH")
+	code, _, _ = runCLI("signal", flag, "op-cli", "NOSUCH") // the alias
 	assert.Equal(t, exitFailure, code)
-	code, _, _ = cli("stats", flag)
+	code, _, _ = runCLI("stats", flag)
 	assert.Equal(t, 2, code)
 
-	code, _, errOut = cli("destroy", flag, "op-cli")
+	code, _, errOut = runCLI(flag, "delete", "op-cli")
 	require.Equal(t, 0, code, errOut)
 	entries, _ := os.ReadDir(root)
 	for _, en := range entries {
@@ -127,7 +127,7 @@ func TestOperateCLICheckpointRestore(t *testing.T) {
 		return strings.Contains(string(data), "\n3\n")
 	}, 20*time.Second, 10*time.Millisecond)
 	image := filepath.Join(t.TempDir(), "image")
-	code, _, errOut := cli("checkpoint", "--bundle-root="+root, "op-cli-src", image)
+	code, _, errOut := runCLI("checkpoint", "--bundle-root="+root, "op-cli-src", image)
 	require.Equal(t, 0, code, errOut)
 	_, err = sup.WaitForExit(ctx, h.CellID)
 	require.ErrorIs(t, err, gvisor.ErrCheckpointed)
@@ -139,7 +139,7 @@ func TestOperateCLICheckpointRestore(t *testing.T) {
 	raw, err := json.Marshal(shDoc("op-cli-dst", script))
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile(docFile, raw, 0o644))
-	code, out, errOut := cli("restore", "--bundle-root="+root, docFile, image)
+	code, out, errOut := runCLI("restore", "--bundle-root="+root, docFile, image)
 	assert.Equal(t, 7, code, errOut)
 	after := strings.Fields(out)
 	require.NotEmpty(t, after, errOut)
