@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
@@ -35,11 +37,13 @@ type Backend struct {
 	cells *tracker
 	root  bool // the library runs as root
 
-	probed probeLog       // the runsc binaries whose probe this Backend has logged (probe.go)
-	ctl    controlProbes  // which runsc binaries serve abstract control sockets (control.go)
-	wg     sync.WaitGroup // the goroutines the Backend started; Close waits for them
-	pool   *warmPool      // WithWarmPool's idle sandboxes (pool.go); nil without
-	spares spares         // the shim started ahead of the next Create (spare.go)
+	prober    runsc.Prober   // what each runsc binary said of itself (probe.go)
+	probed    probeLog       // the runsc binaries whose probe this Backend has logged
+	ctl       controlProbes  // which runsc binaries serve abstract control sockets (control.go)
+	netProbes netProbes      // which runsc binaries can run cells with sandbox networking (network.go)
+	wg        sync.WaitGroup // the goroutines the Backend started; Close waits for them
+	pool      *warmPool      // WithWarmPool's idle sandboxes (pool.go); nil without
+	spares    spares         // the shim started ahead of the next Create (spare.go)
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -81,7 +85,7 @@ func New(opts ...Option) (*Backend, error) {
 
 // location is where cells live for one operation: the runsc to use and the bundle root.
 type location struct {
-	runsc    *runsc
+	runsc    *runsc.Runsc
 	root     string
 	runscErr error // why runsc cannot be used; management of leftovers goes on without it
 }
@@ -129,7 +133,7 @@ func (b *Backend) locate() location {
 	if bin == "" {
 		bin = "runsc"
 	}
-	loc := location{root: root, runsc: &runsc{Root: state, Platform: b.opts.platform, Rootless: !b.root, Extra: b.opts.runscFlags}}
+	loc := location{root: root, runsc: &runsc.Runsc{Root: state, Platform: b.opts.platform, Rootless: !b.root, Extra: b.opts.runscFlags}}
 	path, err := exec.LookPath(bin)
 	if err == nil {
 		path, err = filepath.Abs(path)
@@ -169,7 +173,7 @@ func (b *Backend) openBundle(c *cell, root *owned.Dir) (*owned.Dir, error) {
 	}
 	if _, err := dir.Lstat(fileSandboxConfig); err == nil {
 		dev, ino := dir.Ident()
-		c.paths.runscID = poolRunscID(c.paths.root, dev, ino)
+		c.paths.runscID = runsc.PoolID(c.paths.root, dev, ino)
 	}
 	if _, err := dir.Lstat(fileControlNetns); err != nil {
 		c.runsc.NetNS = "" // none was made (or it is gone): runsc's state is reached from here
@@ -357,7 +361,7 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 	if err := b.checkFreeSpace(p.root); err != nil {
 		return fail(cellos.ErrHost, "%w", err)
 	}
-	if files := c.runsc.stateFiles(p.runscID); len(files) > 0 {
+	if files := c.runsc.StateFiles(p.runscID); len(files) > 0 {
 		return fail(cellos.ErrAlreadyExists, "runsc still holds state of an earlier cell with this id (%s); Destroy or Recover removes it", files[0])
 	}
 	wantsCg := s.WantsCgroups()
@@ -400,11 +404,11 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 			return err
 		}
 	}
-	flags := cellFlags{Log: filepath.Join(p.bundle, fileRunscLog), IgnoreCgroups: !wantsCg, Overlay: "none", Network: c.net.runscNetwork()}
+	flags := runsc.CellFlags{Log: filepath.Join(p.bundle, fileRunscLog), IgnoreCgroups: !wantsCg, Overlay: "none", Network: c.net.runscNetwork()}
 	if s.Rootfs != nil && s.Rootfs.Writable {
 		flags.Overlay = "root:memory"
 	}
-	if c.runsc.noOverlay2 {
+	if c.runsc.NoOverlay2 {
 		flags.Overlay = "" // writable roots were refused (useRuntime)
 	}
 	cfg := shimConfig{CellID: s.ID, RunscID: p.runscID, Runsc: *c.runsc, Flags: flags,
@@ -789,17 +793,17 @@ func (b *Backend) teardown(c *cell) error {
 			errs = append(errs, errors.New("the cell's watcher did not finish"))
 		}
 	}
-	if shim == nil && !c.runscFailed && len(c.runsc.stateFiles(p.runscID)) > 0 {
+	if shim == nil && !c.runscFailed && len(c.runsc.StateFiles(p.runscID)) > 0 {
 		b.stopOrphaned(c) // the shim was killed; runsc may live on (orphan.go)
 	}
-	if left := c.runsc.stateFiles(p.runscID); len(left) > 0 {
+	if left := c.runsc.StateFiles(p.runscID); len(left) > 0 {
 		// runsc run was killed before it could clean up, or the first delete raced its exit.
 		if !c.runscFailed {
 			if err := b.forceDelete(c); err != nil {
 				errs = append(errs, err)
 			}
 		}
-		if left := c.runsc.removeStaleLocks(p.runscID); len(left) > 0 {
+		if left := c.runsc.RemoveStaleLocks(p.runscID); len(left) > 0 {
 			errs = append(errs, fmt.Errorf("runsc state left: %s", strings.Join(left, ", ")))
 		}
 	}
@@ -893,7 +897,7 @@ func (b *Backend) undoCreate(c *cell, root *owned.Dir, wantsCg bool) error {
 		_ = c.shim.cmd.Process.Kill() // through its pidfd
 		<-c.shim.exited
 	}
-	if len(c.runsc.stateFiles(c.paths.runscID)) > 0 {
+	if len(c.runsc.StateFiles(c.paths.runscID)) > 0 {
 		if err := b.forceDelete(c); err != nil {
 			errs = append(errs, err)
 		}

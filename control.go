@@ -7,6 +7,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/ctlns"
 	"github.com/cellos/cellos-host-gvisor/internal/owned"
@@ -34,7 +36,7 @@ type abstractProbe struct {
 // controlProbes are a Backend's trials, by binary.
 type controlProbes struct {
 	mu sync.Mutex
-	m  map[binaryKey]*abstractProbe
+	m  map[runsc.Key]*abstractProbe
 }
 
 // abstractProbeTimeout bounds the trial (Debian's runsc takes ~2 s, most of it its delete).
@@ -62,14 +64,14 @@ func (b *Backend) checkControlSockets(ctx context.Context, cellID string, loc lo
 
 // servesAbstract runs the trial of loc's runsc once per binary file and returns its result.
 func (b *Backend) servesAbstract(ctx context.Context, loc location) (bool, error) {
-	key, err := keyOf(loc.runsc.Path)
+	key, err := runsc.KeyOf(loc.runsc.Path)
 	if err != nil {
 		return false, err
 	}
 	p := &b.ctl
 	p.mu.Lock()
 	if p.m == nil {
-		p.m = map[binaryKey]*abstractProbe{}
+		p.m = map[runsc.Key]*abstractProbe{}
 	}
 	call := p.m[key]
 	if call != nil {
@@ -105,7 +107,7 @@ func (b *Backend) servesAbstract(ctx context.Context, loc location) (bool, error
 
 // probeAbstract starts a trial sandbox (a sleep) from a bundle of its own and reports whether it
 // serves an abstract control socket.
-func probeAbstract(ctx context.Context, r runsc, host []HostEntry) (bool, error) {
+func probeAbstract(ctx context.Context, r runsc.Runsc, host []HostEntry) (bool, error) {
 	tmp, err := os.MkdirTemp("", "cellos-ctlprobe-")
 	if err != nil {
 		return false, err

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"go.uber.org/zap"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -257,7 +259,7 @@ func (b *Backend) EgressMode(ctx context.Context) (string, error) {
 		return "", err
 	}
 	loc.runsc.Platform = b.platformFlag(info)
-	loc.runsc.noOverlay2 = !info.Features.Overlay2
+	loc.runsc.NoOverlay2 = !info.Features.Overlay2
 	mode, err := b.egressMode(ctx, "", loc)
 	return mode, relabel(err, op)
 }
@@ -444,22 +446,27 @@ type netProbeCall struct {
 	err  error
 }
 
-var netProbes = struct {
+// netProbes are a Backend's trials, by binary.
+type netProbes struct {
 	mu sync.Mutex
-	m  map[binaryKey]*netProbeCall
-}{m: map[binaryKey]*netProbeCall{}}
+	m  map[runsc.Key]*netProbeCall
+}
 
 // netProbeTimeout bounds the trial; like the runsc probe it runs detached from the caller's ctx.
 const netProbeTimeout = 60 * time.Second
 
 // sandboxNetworking reports whether the runsc of loc can run cells with --network=sandbox.
 func (b *Backend) sandboxNetworking(ctx context.Context, cellID string, loc location) (bool, string, error) {
-	key, err := keyOf(loc.runsc.Path)
+	key, err := runsc.KeyOf(loc.runsc.Path)
 	if err != nil {
 		return false, "", cellos.NewError("create", cellID, cellos.ErrHost, err)
 	}
-	netProbes.mu.Lock()
-	call := netProbes.m[key]
+	np := &b.netProbes
+	np.mu.Lock()
+	if np.m == nil {
+		np.m = map[runsc.Key]*netProbeCall{}
+	}
+	call := np.m[key]
 	if call != nil {
 		select {
 		case <-call.done:
@@ -472,17 +479,19 @@ func (b *Backend) sandboxNetworking(ctx context.Context, cellID string, loc loca
 	first := call == nil
 	if first {
 		call = &netProbeCall{done: make(chan struct{})}
-		netProbes.m[key] = call
+		np.m[key] = call
 		r := *loc.runsc
 		host := b.host
+		b.wg.Add(1)
 		go func() {
 			pctx, cancel := context.WithTimeout(context.Background(), netProbeTimeout)
 			defer cancel()
+			defer b.wg.Done()
 			call.res, call.err = probeSandboxNetworking(pctx, r, host)
 			close(call.done)
 		}()
 	}
-	netProbes.mu.Unlock()
+	np.mu.Unlock()
 	select {
 	case <-call.done:
 	case <-ctx.Done():
@@ -500,7 +509,7 @@ func (b *Backend) sandboxNetworking(ctx context.Context, cellID string, loc loca
 
 // probeSandboxNetworking runs the trial in a temporary directory of its own (bundle, state root,
 // namespace), which it removes.
-func probeSandboxNetworking(ctx context.Context, r runsc, host []HostEntry) (netProbe, error) {
+func probeSandboxNetworking(ctx context.Context, r runsc.Runsc, host []HostEntry) (netProbe, error) {
 	start := time.Now()
 	dir, err := os.MkdirTemp("", "cellos-netprobe-")
 	if err != nil {
@@ -528,10 +537,10 @@ func probeSandboxNetworking(ctx context.Context, r runsc, host []HostEntry) (net
 
 // trialRun runs /bin/true under runsc with the given --network, in the namespace ns, and reports
 // whether it exited 0 and, if not, runsc's message.
-func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network string) (bool, string, error) {
+func trialRun(ctx context.Context, r runsc.Runsc, host []HostEntry, dir, ns, network string) (bool, string, error) {
 	var rnd [12]byte
 	_, _ = rand.Read(rnd[:])
-	id := runscIDPrefix + "netprobe-" + hex.EncodeToString(rnd[:])
+	id := runsc.IDPrefix + "netprobe-" + hex.EncodeToString(rnd[:])
 	top, err := owned.Ensure(dir, 0o700)
 	if err != nil {
 		return false, "", err
@@ -564,24 +573,24 @@ func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network s
 	if err := os.MkdirAll(r.Root, 0o700); err != nil {
 		return false, "", err
 	}
-	flags := cellFlags{Log: filepath.Join(dir, "runsc-"+network+".log"), IgnoreCgroups: true, Overlay: "none", Network: network}
-	if r.noOverlay2 {
+	flags := runsc.CellFlags{Log: filepath.Join(dir, "runsc-"+network+".log"), IgnoreCgroups: true, Overlay: "none", Network: network}
+	if r.NoOverlay2 {
 		flags.Overlay = ""
 	}
-	cmd := r.command(ctx, r.runArgs(flags, bundle, id)...)
+	cmd := r.Command(ctx, r.RunArgs(flags, bundle, id)...)
 	cmd.Dir = bundle
-	var out boundedBuffer
-	out.max = 64 << 10
+	var out runsc.BoundedBuffer
+	out.Max = 64 << 10
 	cmd.Stdout, cmd.Stderr = &out, &out
-	runErr := r.run(cmd)
+	runErr := r.Run(cmd)
 	// Whatever happened, leave nothing of the trial container.
-	if len(r.stateFiles(id)) > 0 {
+	if len(r.StateFiles(id)) > 0 {
 		dctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
 		_ = r.Delete(dctx, id)
 		cancel()
-		r.removeStaleLocks(id)
+		r.RemoveStaleLocks(id)
 	}
-	_ = r.releaseSharedState()
+	_ = r.ReleaseSharedState()
 	if ctx.Err() != nil {
 		return false, "", fmt.Errorf("probing runsc's networking: %w", ctx.Err())
 	}
@@ -596,5 +605,5 @@ func trialRun(ctx context.Context, r runsc, host []HostEntry, dir, ns, network s
 	if msg == "" {
 		msg = strings.TrimSpace(out.String())
 	}
-	return false, clip(msg, 500), nil
+	return false, runsc.Clip(msg, 500), nil
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -52,13 +54,13 @@ func mustMarshal(t testing.TB, s *specs.Spec) []byte {
 }
 
 func TestNetworkFlag(t *testing.T) {
-	r := &runsc{Root: "/state"}
+	r := &runsc.Runsc{Root: "/state"}
 	for network, want := range map[string]string{"": "--network=none", NetworkSandbox: "--network=sandbox", NetworkHost: "--network=host"} {
-		args := r.runArgs(cellFlags{Log: "/b/runsc.log", IgnoreCgroups: true, Overlay: "none", Network: network}, "/b", "cellos-x")
+		args := r.RunArgs(runsc.CellFlags{Log: "/b/runsc.log", IgnoreCgroups: true, Overlay: "none", Network: network}, "/b", "cellos-x")
 		assert.Equal(t, strings.Fields("--root /state --log /b/runsc.log --log-format=json "+want+" --ignore-cgroups --overlay2=none run --bundle /b cellos-x"), args)
 	}
 	// shim.json of a cell without egress rules is what it was.
-	data, err := json.Marshal(cellFlags{Log: "/b/runsc.log"})
+	data, err := json.Marshal(runsc.CellFlags{Log: "/b/runsc.log"})
 	require.NoError(t, err)
 	assert.NotContains(t, string(data), "Network")
 	var nw *cellNet

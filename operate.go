@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -94,7 +96,7 @@ func checkpointWritten(image string) bool {
 
 // resumePaused resumes a cell that Pause left paused (see filePaused). Destroy and the shim's
 // lifetime limit call it before they send SIGKILL.
-func resumePaused(r *runsc, runscID string, dir *owned.Dir) {
+func resumePaused(r *runsc.Runsc, runscID string, dir *owned.Dir) {
 	if dir == nil || r.Path == "" {
 		return
 	}
@@ -269,13 +271,13 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	flags.Log = filepath.Join(edir.Path(), "runsc.log")
 
 	// Not bound to ctx: killing runsc exec would leave the process running in the cell.
-	cmd := c.runsc.command(context.Background(), c.runsc.execArgs(flags, c.paths.runscID, processFile, pidFile)...)
+	cmd := c.runsc.Command(context.Background(), c.runsc.ExecArgs(flags, c.paths.runscID, processFile, pidFile)...)
 	cmd.Dir = c.paths.bundle
 	outCap := &capWriter{w: stdout, left: b.opts.outputCap, name: "stdout"}
 	errCap := &capWriter{w: stderr, left: b.opts.outputCap, name: "stderr"}
 	cmd.Stdout, cmd.Stderr = outCap, errCap
 	cmd.WaitDelay = execWaitDelay // a background child holding the output must not hold Exec
-	if err := c.runsc.start(cmd); err != nil {
+	if err := c.runsc.Start(cmd); err != nil {
 		return cellos.ExitStatus{}, cellos.Errorf(op, cellID, cellos.ErrHost, "starting runsc exec: %w", err)
 	}
 	waited := make(chan struct{})
@@ -330,12 +332,12 @@ func readConfig(dir *owned.Dir, spec *specs.Spec) error {
 
 // execFlags are the global runsc flags of an Exec into c: the ones it was started with, as the
 // Backend knows them (its cgroups, root and network), not as a bundle file says.
-func (c *cell) execFlags(spec *specs.Spec) cellFlags {
-	f := cellFlags{IgnoreCgroups: c.handle.CgroupPath == nil, Overlay: "none", Network: c.net.runscNetwork()}
+func (c *cell) execFlags(spec *specs.Spec) runsc.CellFlags {
+	f := runsc.CellFlags{IgnoreCgroups: c.handle.CgroupPath == nil, Overlay: "none", Network: c.net.runscNetwork()}
 	if spec.Root != nil && !spec.Root.Readonly && !c.isPooled() {
 		f.Overlay = "root:memory"
 	}
-	if c.runsc.noOverlay2 {
+	if c.runsc.NoOverlay2 {
 		f.Overlay = ""
 	}
 	return f
@@ -863,7 +865,7 @@ func (b *Backend) knowRunsc(ctx context.Context, c *cell, loc location) error {
 		return err
 	}
 	c.runsc.Platform = b.platformFlag(info)
-	c.runsc.noOverlay2 = !info.Features.Overlay2
+	c.runsc.NoOverlay2 = !info.Features.Overlay2
 	return nil
 }
 

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -46,7 +48,7 @@ done
 
 func TestOperateRunscArgv(t *testing.T) {
 	path, log := fakeRunsc(t)
-	r := &runsc{Path: path, Root: "/state", Platform: "ptrace", Extra: []string{"--debug"}}
+	r := &runsc.Runsc{Path: path, Root: "/state", Platform: "ptrace", Extra: []string{"--debug"}}
 	ctx := context.Background()
 	const id = "cellos-0123456789abcdef01234567"
 
@@ -80,15 +82,15 @@ func TestOperateRunscArgv(t *testing.T) {
 		g + "ps " + id,
 	}, strings.Split(strings.TrimSpace(string(data)), "\n"))
 
-	flags := cellFlags{Log: "/b/exec-1/runsc.log", IgnoreCgroups: true, Overlay: "none"}
+	flags := runsc.CellFlags{Log: "/b/exec-1/runsc.log", IgnoreCgroups: true, Overlay: "none"}
 	assert.Equal(t, strings.Fields("--root /state --log /b/exec-1/runsc.log --log-format=json --platform=ptrace --network=none --ignore-cgroups --overlay2=none --debug "+
 		"exec --process /b/exec-1/process.json --internal-pid-file /b/exec-1/pid "+id),
-		r.execArgs(flags, id, "/b/exec-1/process.json", "/b/exec-1/pid"))
+		r.ExecArgs(flags, id, "/b/exec-1/process.json", "/b/exec-1/pid"))
 }
 
 func TestOperateShimArgv(t *testing.T) {
-	cfg := shimConfig{RunscID: "cellos-x", Runsc: runsc{Path: "/usr/bin/runsc", Root: "/state", Rootless: true},
-		Flags: cellFlags{Log: "/b/c/runsc.log", Overlay: "none"}}
+	cfg := shimConfig{RunscID: "cellos-x", Runsc: runsc.Runsc{Path: "/usr/bin/runsc", Root: "/state", Rootless: true},
+		Flags: runsc.CellFlags{Log: "/b/c/runsc.log", Overlay: "none"}}
 	assert.Equal(t, strings.Fields("--root /state --log /b/c/runsc.log --log-format=json --rootless --network=none --overlay2=none run --bundle /b/c cellos-x"),
 		cfg.runscArgs("/b/c"))
 	cfg.RestoreImage = "/images/one"
@@ -124,11 +126,8 @@ func TestOperateExecProcess(t *testing.T) {
 }
 
 func TestOperateDescendantsOf(t *testing.T) {
-	procs, err := parsePs([]byte(debianPs))
-	require.NoError(t, err)
+	procs := map[int]int{1: 0, 2: 1, 3: 2, 4: 1}
 	assert.Equal(t, []int{3}, descendantsOf(procs, 2))
 	assert.Equal(t, []int{2, 4, 3}, descendantsOf(procs, 1))
 	assert.Empty(t, descendantsOf(procs, 4))
-	_, err = parsePs([]byte("PID CMD\n1 sh\n"))
-	assert.Error(t, err)
 }

@@ -34,7 +34,7 @@ func (b *Backend) stopOrphaned(c *cell) {
 		time.Sleep(delay)
 	}
 	// A surviving `runsc run` removes the container once it has reaped the sandbox.
-	for delay := 5 * time.Millisecond; len(c.runsc.stateFiles(c.paths.runscID)) > 0 && ctx.Err() == nil && delay < time.Second; delay *= 2 {
+	for delay := 5 * time.Millisecond; len(c.runsc.StateFiles(c.paths.runscID)) > 0 && ctx.Err() == nil && delay < time.Second; delay *= 2 {
 		time.Sleep(delay)
 	}
 }

@@ -2,8 +2,6 @@ package gvisor
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
@@ -76,8 +76,6 @@ const (
 // Files and directories of the warm pool.
 const (
 	poolDirName       = ".pool"        // <bundle root>/.pool/<name>: the idle sandboxes
-	poolIDPrefix      = "cellos-pool-" // + name: a pool sandbox's runsc id
-	poolNameLen       = 24             // hex digits
 	fileKeeper        = "keeper.json"  // keeperConfig
 	fileKeeperPid     = "keeper.pid"   // the keeper while idle (shim.pid is written once it serves a cell)
 	fileSandboxConfig = "sandbox.json" // a pooled cell's bundle: the config.json its sandbox was started with
@@ -146,10 +144,10 @@ type warmPool struct {
 	size int
 
 	mu       sync.Mutex
-	idle     []*warmEntry     // oldest first
-	owned    map[string]bool  // names of entries this pool made that are not yet a cell's or removed (Recover skips them)
-	dirs     map[string]bool  // the pool directories it has used (one per bundle root)
-	roots    map[string]runsc // the runsc state roots it has used
+	idle     []*warmEntry           // oldest first
+	owned    map[string]bool        // names of entries this pool made that are not yet a cell's or removed (Recover skips them)
+	dirs     map[string]bool        // the pool directories it has used (one per bundle root)
+	roots    map[string]runsc.Runsc // the runsc state roots it has used
 	starting bool
 	closed   bool
 	// lastClaim is the bundle of the cell that took the last sandbox, and when.
@@ -168,9 +166,9 @@ type warmPool struct {
 // warmEntry is one pool sandbox and its keeper.
 type warmEntry struct {
 	name, dir, runscID string
-	key                string // the runsc and bundle root it was made for (warmKey)
-	runsc              runsc  // with the entry's control namespace
-	flags              cellFlags
+	key                string      // the runsc and bundle root it was made for (warmKey)
+	runsc              runsc.Runsc // with the entry's control namespace
+	flags              runsc.CellFlags
 	limits             cgroups.Limits // its cgroups' (the Backend's default limits); zero: none
 
 	d      *owned.Dir    // the entry's directory
@@ -178,27 +176,12 @@ type warmEntry struct {
 	exited chan struct{} // closed once the keeper has exited and been reaped
 }
 
-// poolName is the name of a pool entry and the digits of its sandbox's runsc id: a digest of the
-// bundle root and the entry directory's device and inode. A cell's bundle is that directory,
-// moved, so the runsc id of a cell in a pool sandbox is derived from its bundle directory itself,
-// never read from a file.
-func poolName(root string, dev, ino uint64) string {
-	sum := sha256.Sum256(fmt.Appendf(nil, "%s\x00%d\x00%d", root, dev, ino))
-	return hex.EncodeToString(sum[:poolNameLen/2])
-}
-
-// poolRunscID is the runsc id of the pool sandbox whose directory (or, once claimed, bundle) is
-// the directory dev, ino of the bundle root.
-func poolRunscID(root string, dev, ino uint64) string {
-	return poolIDPrefix + poolName(root, dev, ino)
-}
-
 func newWarmPool(b *Backend, size int) *warmPool {
 	if size <= 0 {
 		return nil
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &warmPool{b: b, size: size, owned: map[string]bool{}, dirs: map[string]bool{}, roots: map[string]runsc{}, wake: make(chan struct{}, 1),
+	p := &warmPool{b: b, size: size, owned: map[string]bool{}, dirs: map[string]bool{}, roots: map[string]runsc.Runsc{}, wake: make(chan struct{}, 1),
 		ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	go p.run()
 	return p
@@ -206,9 +189,9 @@ func newWarmPool(b *Backend, size int) *warmPool {
 
 // warmKey identifies what a pool sandbox was started with: a cell may use it only when its own
 // Create resolved the same runsc, flags and bundle root.
-func warmKey(root string, r *runsc) string {
+func warmKey(root string, r *runsc.Runsc) string {
 	return strings.Join([]string{root, r.Path, r.Root, r.Platform, strconv.FormatBool(r.Rootless),
-		strconv.FormatBool(r.noOverlay2), strings.Join(r.Extra, "\x01")}, "\x00")
+		strconv.FormatBool(r.NoOverlay2), strings.Join(r.Extra, "\x01")}, "\x00")
 }
 
 // warmProfile reports whether a document's sandbox is the pool's: nothing of it depends on the
@@ -518,7 +501,7 @@ func (p *warmPool) newEntry(loc location, pdir *owned.Dir, key string, limits cg
 	dev, ino := tmp.Ident()
 	tmpName := filepath.Base(tmp.Path())
 	_ = tmp.Close()
-	name := poolName(loc.root, dev, ino)
+	name := runsc.PoolName(loc.root, dev, ino)
 	if err := pdir.Rename(tmpName, pdir, name); err != nil {
 		_ = pdir.RemoveAll(tmpName)
 		return nil, err
@@ -528,13 +511,13 @@ func (p *warmPool) newEntry(loc location, pdir *owned.Dir, key string, limits cg
 		_ = pdir.RemoveAll(name)
 		return nil, err
 	}
-	e := &warmEntry{name: name, dir: d.Path(), d: d, runscID: poolIDPrefix + name, key: key, runsc: *loc.runsc,
+	e := &warmEntry{name: name, dir: d.Path(), d: d, runscID: runsc.PoolIDPrefix + name, key: key, runsc: *loc.runsc,
 		limits: limits, exited: make(chan struct{})}
 	if p.b.root {
 		e.runsc.NetNS = filepath.Join(e.dir, fileControlNetns)
 	}
-	e.flags = cellFlags{Log: filepath.Join(e.dir, fileSandboxLog), IgnoreCgroups: limits == (cgroups.Limits{}), Overlay: "none"}
-	if loc.runsc.noOverlay2 {
+	e.flags = runsc.CellFlags{Log: filepath.Join(e.dir, fileSandboxLog), IgnoreCgroups: limits == (cgroups.Limits{}), Overlay: "none"}
+	if loc.runsc.NoOverlay2 {
 		e.flags.Overlay = ""
 	}
 	p.own(e) // Recover leaves it alone
@@ -716,8 +699,8 @@ func removeEntry(d *owned.Dir) error {
 }
 
 // removeSandbox force-deletes a pool sandbox runsc still holds state of.
-func removeSandbox(r *runsc, id string) error {
-	files := r.stateFiles(id)
+func removeSandbox(r *runsc.Runsc, id string) error {
+	files := r.StateFiles(id)
 	if len(files) == 0 {
 		return nil
 	}
@@ -735,7 +718,7 @@ func removeSandbox(r *runsc, id string) error {
 		}
 		cancel()
 	}
-	if left := r.removeStaleLocks(id); len(left) > 0 {
+	if left := r.RemoveStaleLocks(id); len(left) > 0 {
 		errs = append(errs, fmt.Errorf("runsc state left: %s", strings.Join(left, ", ")))
 	}
 	return errors.Join(errs...)
@@ -821,7 +804,7 @@ func (b *Backend) Close(ctx context.Context) error {
 // awaitBackground waits, within ctx, for the goroutines the Backend started for itself (probes).
 func (b *Backend) awaitBackground(ctx context.Context) error {
 	done := make(chan struct{})
-	go func() { b.wg.Wait(); close(done) }()
+	go func() { b.wg.Wait(); b.prober.Wait(); close(done) }()
 	select {
 	case <-done:
 		return nil
@@ -839,7 +822,7 @@ func (b *Backend) createFromPool(ctx context.Context, c *cell, doc *cellos.Execu
 		return false, nil
 	}
 	// What the cold path refuses, it reports: no pool sandbox is spent on it.
-	if len(c.runsc.stateFiles(RunscID(c.paths.root, s.ID))) > 0 {
+	if len(c.runsc.StateFiles(RunscID(c.paths.root, s.ID))) > 0 {
 		return false, nil
 	}
 	if _, err := os.Lstat(c.paths.bundle); err == nil {
@@ -892,7 +875,7 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 	}
 	defer pdir.Close()
 	cfg := shimConfig{CellID: s.ID, RunscID: e.runscID, Runsc: *c.runsc,
-		Flags:      cellFlags{Log: filepath.Join(bundle, fileRunscLog), IgnoreCgroups: e.flags.IgnoreCgroups, Overlay: e.flags.Overlay},
+		Flags:      runsc.CellFlags{Log: filepath.Join(bundle, fileRunscLog), IgnoreCgroups: e.flags.IgnoreCgroups, Overlay: e.flags.Overlay},
 		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, Pool: true}
 	cfg.Runsc.NetNS = "" // set below, once the directory is the bundle
 	if e.limits != (cgroups.Limits{}) {
@@ -1037,34 +1020,10 @@ func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocumen
 	return writeRecord(e.d, fileShim, cfg) // for operators; never read back
 }
 
-// runDetachedArgs is the argv (without the binary) that starts a pool sandbox and returns once it
-// runs.
-func (r *runsc) runDetachedArgs(c cellFlags, bundle, id string) []string {
-	return append(r.globalArgs(&c), "run", "--detach", "--bundle", bundle, id)
-}
-
-// isPoolRunscID reports whether id is a pool sandbox's runsc id.
-func isPoolRunscID(id string) bool {
-	name, ok := strings.CutPrefix(id, poolIDPrefix)
-	return ok && validPoolName(name)
-}
-
-func validPoolName(name string) bool {
-	if len(name) != poolNameLen {
-		return false
-	}
-	for i := range len(name) {
-		if !strings.ContainsRune("0123456789abcdef", rune(name[i])) {
-			return false
-		}
-	}
-	return true
-}
-
 // signalCell sends sig to the cell's workload: the container's init for a cold cell, the
 // workload's process for a pooled one (the init of its sandbox is the idle process).
 func (b *Backend) signalCell(ctx context.Context, c *cell, sig syscall.Signal) error {
-	if !isPoolRunscID(c.paths.runscID) {
+	if !runsc.IsPoolID(c.paths.runscID) {
 		return c.runsc.Kill(ctx, c.paths.runscID, strconv.Itoa(int(sig)))
 	}
 	pidFile := filepath.Join(c.paths.bundle, fileWorkloadPid)
@@ -1084,7 +1043,7 @@ func (b *Backend) signalCell(ctx context.Context, c *cell, sig syscall.Signal) e
 }
 
 // isPooled reports whether c runs in a pool sandbox.
-func (c *cell) isPooled() bool { return isPoolRunscID(c.paths.runscID) }
+func (c *cell) isPooled() bool { return runsc.IsPoolID(c.paths.runscID) }
 
 // recoverPool removes the pool sandboxes of loc's bundle root that this Backend does not own: the
 // idle ones a dead supervisor left (its keepers delete them themselves once they see it gone;
@@ -1142,7 +1101,7 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 	}
 	defer d.Close()
 	dev, ino := d.Ident()
-	if name != poolName(loc.root, dev, ino) {
+	if name != runsc.PoolName(loc.root, dev, ino) {
 		if strings.HasPrefix(name, "new-") {
 			// An entry whose making was interrupted before its rename: nothing ran in it.
 			return removeBundle(pdir, name)
@@ -1165,7 +1124,7 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 	if _, err := d.Lstat(fileControlNetns); err == nil && b.root {
 		r.NetNS = filepath.Join(path, fileControlNetns)
 	}
-	runscID := poolIDPrefix + name
+	runscID := runsc.PoolIDPrefix + name
 	var errs []error
 	if err := removeSandbox(&r, runscID); err != nil {
 		errs = append(errs, err)
@@ -1190,7 +1149,7 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 // removeOrphanPoolState removes runsc containers with a pool id that no pool directory and no
 // cell's bundle accounts for: a pool sandbox whose directory went while runsc kept it.
 func (b *Backend) removeOrphanPoolState(loc location, root, pdir *owned.Dir) error {
-	ids, _ := loc.runsc.stateIDs()
+	ids, _ := loc.runsc.StateIDs()
 	inUse := map[string]bool{}
 	names, _ := root.Entries()
 	for _, name := range names {
@@ -1200,17 +1159,17 @@ func (b *Backend) removeOrphanPoolState(loc location, root, pdir *owned.Dir) err
 		if d, err := root.OpenDir(name); err == nil {
 			if _, err := d.Lstat(fileSandboxConfig); err == nil {
 				dev, ino := d.Ident()
-				inUse[poolRunscID(loc.root, dev, ino)] = true
+				inUse[runsc.PoolID(loc.root, dev, ino)] = true
 			}
 			_ = d.Close()
 		}
 	}
 	var errs []error
 	for id := range ids {
-		if !isPoolRunscID(id) || inUse[id] {
+		if !runsc.IsPoolID(id) || inUse[id] {
 			continue
 		}
-		name := strings.TrimPrefix(id, poolIDPrefix)
+		name := strings.TrimPrefix(id, runsc.PoolIDPrefix)
 		if b.pool.owns(name) {
 			continue
 		}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -16,17 +18,17 @@ import (
 // Pool sandboxes' runsc ids and cells' ids are never prefixes of one another (runsc matches ids
 // by prefix), and a pool directory's name is never a cell id.
 func TestPoolIDsNeverPrefixes(t *testing.T) {
-	pool := poolIDPrefix + strings.Repeat("0", poolNameLen)
-	assert.True(t, isPoolRunscID(pool))
+	pool := runsc.PoolIDPrefix + strings.Repeat("0", runsc.PoolNameLen)
+	assert.True(t, runsc.IsPoolID(pool))
 	for _, id := range []string{"a", "cell", "pool", "0", strings.Repeat("f", 64)} {
 		cell := RunscID("/var/lib/cellos", id)
 		assert.False(t, strings.HasPrefix(pool, cell), id)
 		assert.False(t, strings.HasPrefix(cell, pool), id)
-		assert.False(t, isPoolRunscID(cell), id)
+		assert.False(t, runsc.IsPoolID(cell), id)
 	}
 	assert.False(t, cellos.ValidID(poolDirName))
-	assert.False(t, isPoolRunscID(poolIDPrefix+"0123"), "short")
-	assert.False(t, isPoolRunscID(poolIDPrefix+strings.Repeat("G", poolNameLen)), "not hex")
+	assert.False(t, runsc.IsPoolID(runsc.PoolIDPrefix+"0123"), "short")
+	assert.False(t, runsc.IsPoolID(runsc.PoolIDPrefix+strings.Repeat("G", runsc.PoolNameLen)), "not hex")
 }
 
 func TestWarmProfile(t *testing.T) {
@@ -71,14 +73,14 @@ func TestPooledProcessFile(t *testing.T) {
 	dir := t.TempDir()
 	b, err := New(WithBundleRoot(dir))
 	assert.NoError(t, err)
-	e := &warmEntry{dir: dir, d: ownedDir(t, dir), runscID: poolIDPrefix + strings.Repeat("a", poolNameLen)}
+	e := &warmEntry{dir: dir, d: ownedDir(t, dir), runscID: runsc.PoolIDPrefix + strings.Repeat("a", runsc.PoolNameLen)}
 	for _, d := range []string{"rootfs", "rootfs/etc"} {
 		assert.NoError(t, mkdir(dir+"/"+d))
 	}
 	assert.NoError(t, os.WriteFile(dir+"/"+fileConfig, []byte("{}"), 0o644))
 	c := b.newCell("x", b.locate())
 	cfg := shimConfig{CellID: "x", RunscID: e.runscID, Runsc: *c.runsc, Pool: true,
-		Flags: cellFlags{Log: c.paths.bundle + "/runsc.log", IgnoreCgroups: true, Overlay: "none"}}
+		Flags: runsc.CellFlags{Log: c.paths.bundle + "/runsc.log", IgnoreCgroups: true, Overlay: "none"}}
 	cfg.Runsc.Rootless = false
 	assert.NoError(t, b.writePooledCell(e, doc, cfg))
 	var p map[string]any
@@ -99,16 +101,16 @@ func TestPoolRunscIDFromDirectory(t *testing.T) {
 	root := t.TempDir()
 	a := ownedDir(t, root+"/a")
 	dev, ino := a.Ident()
-	id := poolRunscID(root, dev, ino)
-	assert.True(t, isPoolRunscID(id))
+	id := runsc.PoolID(root, dev, ino)
+	assert.True(t, runsc.IsPoolID(id))
 	require.NoError(t, os.Rename(root+"/a", root+"/moved"))
 	moved := ownedDir(t, root+"/moved")
 	dev2, ino2 := moved.Ident()
-	assert.Equal(t, id, poolRunscID(root, dev2, ino2))
+	assert.Equal(t, id, runsc.PoolID(root, dev2, ino2))
 	other := ownedDir(t, root+"/b")
 	dev3, ino3 := other.Ident()
-	assert.NotEqual(t, id, poolRunscID(root, dev3, ino3))
-	assert.NotEqual(t, id, poolRunscID(root+"x", dev, ino), "the bundle root is part of it")
+	assert.NotEqual(t, id, runsc.PoolID(root, dev3, ino3))
+	assert.NotEqual(t, id, runsc.PoolID(root+"x", dev, ino), "the bundle root is part of it")
 }
 
 func mkdir(p string) error { return os.Mkdir(p, 0o755) }
@@ -116,24 +118,24 @@ func mkdir(p string) error { return os.Mkdir(p, 0o755) }
 func TestStateIDsFromFileNames(t *testing.T) {
 	dir := t.TempDir()
 	cold := RunscID("/b", "c1")
-	pool := poolIDPrefix + "0123456789abcdef01234567"
-	for _, f := range []string{cold + ".state", cold + ".lock", pool + "_sandbox:" + pool + ".lock", nullNetNS} {
+	pool := runsc.PoolIDPrefix + "0123456789abcdef01234567"
+	for _, f := range []string{cold + ".state", cold + ".lock", pool + "_sandbox:" + pool + ".lock", runsc.NullNetNS} {
 		require.NoError(t, os.WriteFile(filepath.Join(dir, f), nil, 0o600))
 	}
-	r := &runsc{Root: dir}
-	ids, other := r.stateIDs()
+	r := &runsc.Runsc{Root: dir}
+	ids, other := r.StateIDs()
 	assert.Equal(t, map[string]bool{cold: true, pool: true}, ids)
 	assert.False(t, other)
 
 	for _, f := range []string{"foreign.state", "cellos-short.state", "cellos-" + "zz23456789abcdef01234567.state"} {
 		require.NoError(t, os.WriteFile(filepath.Join(dir, f), nil, 0o600))
-		_, other = r.stateIDs()
+		_, other = r.StateIDs()
 		assert.True(t, other, f)
 		require.NoError(t, os.Remove(filepath.Join(dir, f)))
 	}
 
 	// Lone locks of a pool sandbox go without runsc (there is none here to call).
-	require.NoError(t, removeSandbox(&runsc{Root: dir}, pool))
-	ids, _ = r.stateIDs()
+	require.NoError(t, removeSandbox(&runsc.Runsc{Root: dir}, pool))
+	ids, _ = r.StateIDs()
 	assert.Equal(t, map[string]bool{cold: true}, ids)
 }

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/internal/owned"
@@ -43,13 +45,13 @@ const keeperArgv0 = "cellos-gvisor-pool"
 // keeperRequest is the supervisor's first request to a keeper: start the idle sandbox of the
 // pool directory Dir (identified by device and inode).
 type keeperRequest struct {
-	Protocol int       `json:"protocol"`
-	Dir      string    `json:"dir"`
-	Dev      uint64    `json:"dev"`
-	Ino      uint64    `json:"ino"`
-	RunscID  string    `json:"runscId"`
-	Runsc    runsc     `json:"runsc"`
-	Flags    cellFlags `json:"flags"`
+	Protocol int             `json:"protocol"`
+	Dir      string          `json:"dir"`
+	Dev      uint64          `json:"dev"`
+	Ino      uint64          `json:"ino"`
+	RunscID  string          `json:"runscId"`
+	Runsc    runsc.Runsc     `json:"runsc"`
+	Flags    runsc.CellFlags `json:"flags"`
 }
 
 // Bounds of the keeper's own waits.
@@ -77,7 +79,7 @@ func keeperMain() int {
 		}
 		return fail(err)
 	}
-	if kr.Protocol != shimProtocol || !isPoolRunscID(kr.RunscID) || !filepath.IsAbs(kr.Runsc.Path) {
+	if kr.Protocol != shimProtocol || !runsc.IsPoolID(kr.RunscID) || !filepath.IsAbs(kr.Runsc.Path) {
 		return fail(fmt.Errorf("malformed request (protocol %d, sandbox %q)", kr.Protocol, kr.RunscID))
 	}
 	dir, err := owned.OpenIdent(kr.Dir, kr.Dev, kr.Ino)
@@ -145,11 +147,11 @@ func keeperMain() int {
 func startIdleSandbox(dir *owned.Dir, kr *keeperRequest) error {
 	ctx, cancel := context.WithTimeout(context.Background(), keeperStartTimeout)
 	defer cancel()
-	cmd := kr.Runsc.command(ctx, kr.Runsc.runDetachedArgs(kr.Flags, dir.Path(), kr.RunscID)...)
+	cmd := kr.Runsc.Command(ctx, kr.Runsc.RunDetachedArgs(kr.Flags, dir.Path(), kr.RunscID)...)
 	cmd.Dir = dir.Path()
 	cmd.Stderr = os.Stderr // shim.log, a file
 	cmd.Env = shimChildEnv()
-	err := kr.Runsc.start(cmd)
+	err := kr.Runsc.Start(cmd)
 	if err == nil {
 		err = cmd.Wait()
 	}
@@ -187,7 +189,7 @@ func keepCell(dir *owned.Dir, kr *keeperRequest, req *shimRequest, a *answerer) 
 
 // releaseSandbox deletes the keeper's sandbox and reaps its processes. It runs in the keeper
 // only, when no runsc command of its own is running: it reaps every child.
-func releaseSandbox(r *runsc, id string) {
+func releaseSandbox(r *runsc.Runsc, id string) {
 	// The sandbox and gofer are reaped as they die: runsc delete waits for that.
 	kids := childPids()
 	reaped := make(chan struct{}, len(kids))
@@ -230,7 +232,7 @@ wait:
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	r.removeStaleLocks(id)
+	r.RemoveStaleLocks(id)
 }
 
 // childPids lists the calling process's children (of every thread).

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 )
 
 // testdata/runsc-probe/<generation>/ holds what the two runsc generations printed on this
@@ -33,90 +33,22 @@ func probeFile(t *testing.T, gen, name string) string {
 	return string(data)
 }
 
-func probedFrom(t *testing.T, gen string) *probed {
+func probedFrom(t *testing.T, gen string) *runsc.Probed {
 	t.Helper()
-	p := &probed{path: "/usr/bin/runsc"}
-	var err error
-	p.version, p.spec, err = parseVersion(probeFile(t, gen, "version.txt"))
+	p, err := runsc.Parse("/usr/bin/runsc", probeFile(t, gen, "version.txt"), probeFile(t, gen, "flags.txt"))
 	require.NoError(t, err)
-	p.flags = parseFlags(probeFile(t, gen, "flags.txt"))
-	p.platforms, p.defaultPlatform = parsePlatforms(p.flags["platform"])
 	return p
 }
 
-func TestProbeParseVersion(t *testing.T) {
-	v, spec, err := parseVersion(probeFile(t, genDebian, "version.txt"))
-	require.NoError(t, err)
-	assert.Equal(t, "0.0~20221219.0", v)
-	assert.Equal(t, "1.0.2-dev", spec)
-
-	v, spec, err = parseVersion(probeFile(t, genCurrent, "version.txt"))
-	require.NoError(t, err)
-	assert.Equal(t, "VERSION_MISSING", v, "a go-install build has no version stamp")
-	assert.Equal(t, "1.2.1", spec)
-
-	for _, out := range []string{"", "true (GNU coreutils) 9.1\nCopyright (C) 2022\n", "runc version 1.1.5\nspec: 1.0.2-dev\n"} {
-		_, _, err := parseVersion(out)
-		assert.ErrorContains(t, err, `no "runsc version" line`, "%q", out)
-	}
-}
-
-func TestProbeParseFlags(t *testing.T) {
-	for _, gen := range []string{genDebian, genCurrent} {
-		t.Run(gen, func(t *testing.T) {
-			flags := parseFlags(probeFile(t, gen, "flags.txt"))
-			for _, f := range append(requiredFlags, "rootless", "overlay2", "debug", "debug-log", "TESTONLY-unsafe-nonroot") {
-				assert.Contains(t, flags, f)
-			}
-			assert.Equal(t, "text", flags["log-format"].Default)
-			assert.Equal(t, "", flags["rootless"].Default, "bool flags without a default")
-			assert.Equal(t, "-1", flags["debug-log-fd"].Default)
-			assert.Contains(t, flags["network"].Usage, "sandbox (default), host, none")
-			for name := range flags {
-				assert.NotContains(t, name, " ")
-				assert.False(t, strings.HasPrefix(name, "-"), name)
-			}
-		})
-	}
-	deb, cur := parseFlags(probeFile(t, genDebian, "flags.txt")), parseFlags(probeFile(t, genCurrent, "flags.txt"))
-	assert.Equal(t, "", deb["overlay2"].Default)
-	assert.Equal(t, "root:self", cur["overlay2"].Default, "a multi-line usage ends with its default")
-	assert.Contains(t, cur["overlay2"].Usage, "'none' to turn overlay mode off")
-	assert.Contains(t, cur, "gofer-network-namespace")
-	assert.NotContains(t, deb, "gofer-network-namespace")
-
-	// Go's one-letter flag layout and odd lines.
-	flags := parseFlags("  -x\tshort usage (default 3)\n  -long string\n    \tfirst\n    \tsecond (default \"v\")\ngarbage\n  - \n")
-	assert.Equal(t, map[string]flagDoc{
-		"x":    {Usage: "short usage (default 3)", Default: "3"},
-		"long": {Usage: "first\nsecond (default \"v\")", Default: "v"},
-	}, flags)
-}
-
-func TestProbeParsePlatforms(t *testing.T) {
-	deb, cur := probedFrom(t, genDebian), probedFrom(t, genCurrent)
-	assert.Equal(t, []string{"ptrace", "kvm"}, deb.platforms)
-	assert.Equal(t, "ptrace", deb.defaultPlatform)
-	assert.Equal(t, []string{"systrap", "ptrace", "kvm"}, cur.platforms)
-	assert.Equal(t, "systrap", cur.defaultPlatform)
-
-	ps, def := parsePlatforms(flagDoc{Usage: "which platform", Default: "ptrace"})
-	assert.Equal(t, []string{"ptrace"}, ps, "the default is a platform even when the list is not documented")
-	assert.Equal(t, "ptrace", def)
-	ps, def = parsePlatforms(flagDoc{Usage: "specifies which platform to use: kvm (default), Not A Name."})
-	assert.Equal(t, []string{"kvm"}, ps)
-	assert.Equal(t, "kvm", def)
-}
-
 func TestProbeInfoPerGeneration(t *testing.T) {
-	deb, err := probedFrom(t, genDebian).info("", true)
+	deb, err := probedFrom(t, genDebian).Info("", true)
 	require.NoError(t, err)
 	assert.Equal(t, "ptrace", deb.Platform)
 	assert.Equal(t, RuntimeFeatures{Overlay2: true, Systrap: false, Rootless: true}, deb.Features)
 	assert.True(t, deb.HasFlag("ignore-cgroups"))
 	assert.False(t, deb.HasFlag("gofer-network-namespace"))
 
-	cur, err := probedFrom(t, genCurrent).info("", true)
+	cur, err := probedFrom(t, genCurrent).Info("", true)
 	require.NoError(t, err)
 	assert.Equal(t, "systrap", cur.Platform)
 	assert.Equal(t, RuntimeFeatures{Overlay2: true, Overlay2Default: "root:self", Systrap: true, Rootless: true, PinnedNetNS: true}, cur.Features)
@@ -127,57 +59,16 @@ func TestProbeInfoPerGeneration(t *testing.T) {
 	assert.Equal(t, "", b.platformFlag(cur))
 
 	b.opts.platform = "ptrace"
-	cur, err = probedFrom(t, genCurrent).info("ptrace", true)
+	cur, err = probedFrom(t, genCurrent).Info("ptrace", true)
 	require.NoError(t, err)
 	assert.Equal(t, "ptrace", cur.Platform)
 	assert.Equal(t, "ptrace", b.platformFlag(cur), "WithPlatform is always passed")
 
-	_, err = probedFrom(t, genDebian).info("systrap", true)
+	_, err = probedFrom(t, genDebian).Info("systrap", true)
 	assert.ErrorContains(t, err, `has no platform "systrap" (it offers ptrace, kvm)`)
-	kvm, err := probedFrom(t, genDebian).info("kvm", true)
+	kvm, err := probedFrom(t, genDebian).Info("kvm", true)
 	require.NoError(t, err, "kvm when asked for")
 	assert.Equal(t, "kvm", kvm.Platform)
-}
-
-func TestProbeInfoNeverKVMByDefault(t *testing.T) {
-	p := probedFrom(t, genDebian)
-	p.platforms, p.defaultPlatform = []string{"kvm", "ptrace"}, "kvm"
-	info, err := p.info("", true)
-	require.NoError(t, err)
-	assert.Equal(t, "ptrace", info.Platform)
-	assert.Equal(t, "ptrace", (&Backend{}).platformFlag(info), "runsc's default is kvm: the choice is passed")
-
-	p.platforms = []string{"kvm"}
-	_, err = p.info("", true)
-	assert.ErrorContains(t, err, "never picks kvm by default")
-
-	p.platforms, p.defaultPlatform = nil, ""
-	info, err = p.info("", true)
-	require.NoError(t, err)
-	assert.Equal(t, "ptrace", info.Platform, "undocumented platforms: ptrace, which every runsc has")
-	assert.Equal(t, "ptrace", (&Backend{}).platformFlag(info))
-}
-
-func TestProbeInfoMissingFlags(t *testing.T) {
-	p := probedFrom(t, genDebian)
-	delete(p.flags, "root")
-	delete(p.flags, "ignore-cgroups")
-	_, err := p.info("", true)
-	assert.ErrorContains(t, err, "lacks global flags the library relies on: --root, --ignore-cgroups")
-	assert.ErrorContains(t, err, "0.0~20221219.0")
-
-	p = probedFrom(t, genDebian)
-	delete(p.flags, "rootless")
-	_, err = p.info("", true)
-	require.NoError(t, err, "--rootless is needed only without root")
-	_, err = p.info("", false)
-	assert.ErrorContains(t, err, "--rootless")
-
-	p = probedFrom(t, genDebian)
-	delete(p.flags, "overlay2")
-	info, err := p.info("", true)
-	require.NoError(t, err)
-	assert.False(t, info.Features.Overlay2)
 }
 
 // fakeProbeBinary writes a script that answers the probe with a generation's captured output,
@@ -369,22 +260,12 @@ func TestProbeNoOverlay2(t *testing.T) {
 	assert.Contains(t, run, "--network=none")
 }
 
-// BenchmarkProbe measures one uncached probe of the real runsc ($CELLOS_GVISOR_RUNSC_BIN, else
-// runsc on $PATH): both invocations, concurrently.
-//
-//	go test -run '^$' -bench Probe -benchtime 20x .
-func BenchmarkProbe(b *testing.B) {
-	bin := os.Getenv(EnvRunscBin)
-	if bin == "" {
-		bin = "runsc"
-	}
-	path, err := exec.LookPath(bin)
-	if err != nil {
-		b.Skipf("runsc not found: %v", err)
-	}
-	for b.Loop() {
-		if _, err := runProbe(context.Background(), path); err != nil {
-			b.Fatal(err)
-		}
-	}
+// The --platform flag is passed when the choice differs from runsc's own default, and always
+// when WithPlatform names one.
+func TestPlatformFlag(t *testing.T) {
+	b := &Backend{}
+	assert.Equal(t, "ptrace", b.platformFlag(RuntimeInfo{Platform: "ptrace", DefaultPlatform: "kvm"}), "runsc's default is kvm: the choice is passed")
+	assert.Equal(t, "", b.platformFlag(RuntimeInfo{Platform: "ptrace", DefaultPlatform: "ptrace"}))
+	b.opts.platform = "ptrace"
+	assert.Equal(t, "ptrace", b.platformFlag(RuntimeInfo{Platform: "ptrace", DefaultPlatform: "ptrace"}))
 }

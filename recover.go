@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"go.uber.org/zap"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -87,7 +89,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 			errs = append(errs, err)
 		}
 		for _, st := range states {
-			if isPoolRunscID(st.ID) {
+			if runsc.IsPoolID(st.ID) {
 				continue // a pool sandbox, idle (recoverPool) or a pooled cell's (recoverCell)
 			}
 			id := filepath.Base(st.Bundle)
@@ -124,7 +126,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 // unaccountedState reports whether the state root has entries that are neither a pool sandbox's
 // nor a container of a bundle seen in the bundle root.
 func (b *Backend) unaccountedState(loc location, root *owned.Dir, seen map[string]bool) bool {
-	ids, other := loc.runsc.stateIDs()
+	ids, other := loc.runsc.StateIDs()
 	if other {
 		return true
 	}
@@ -133,7 +135,7 @@ func (b *Backend) unaccountedState(loc location, root *owned.Dir, seen map[strin
 		known[RunscID(loc.root, id)] = true
 	}
 	for id := range ids {
-		if !isPoolRunscID(id) && !known[id] {
+		if !runsc.IsPoolID(id) && !known[id] {
 			return true
 		}
 	}

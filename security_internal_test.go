@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
@@ -196,7 +198,7 @@ func TestPolicyProtectedSources(t *testing.T) {
 // The shim refuses a request it cannot trust: another protocol, a relative bundle, unknown
 // fields, an incomplete configuration; and it opens only the bundle the request identifies.
 func TestShimRequestChecks(t *testing.T) {
-	good := shimRequest{Protocol: shimProtocol, Bundle: "/b/c", Config: shimConfig{RunscID: "cellos-x", OutputCap: 1, Runsc: runsc{Path: "/usr/bin/runsc"}}}
+	good := shimRequest{Protocol: shimProtocol, Bundle: "/b/c", Config: shimConfig{RunscID: "cellos-x", OutputCap: 1, Runsc: runsc.Runsc{Path: "/usr/bin/runsc"}}}
 	require.NoError(t, good.check())
 	for name, change := range map[string]func(r *shimRequest){
 		"protocol": func(r *shimRequest) { r.Protocol = 2 },

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -71,15 +73,15 @@ type shimRequest struct {
 // shimConfig is what the shim does for its cell. A copy is left in the bundle (shim.json) for
 // operators; the library never reads it.
 type shimConfig struct {
-	CellID       string    `json:"cellId"`
-	RunscID      string    `json:"runscId"`
-	Runsc        runsc     `json:"runsc"`
-	Flags        cellFlags `json:"flags"`
-	TTLSeconds   int64     `json:"ttlSeconds,omitempty"`
-	OutputCap    int64     `json:"outputCap"`
-	MemoryCgroup string    `json:"memoryCgroup,omitempty"` // read for OOM kills after the exit
-	RestoreImage string    `json:"restoreImage,omitempty"` // restore from this checkpoint instead of running config.json's process
-	Pool         bool      `json:"pool,omitempty"`         // the cell runs in a warm-pool sandbox: runsc exec of its process (pool.go)
+	CellID       string          `json:"cellId"`
+	RunscID      string          `json:"runscId"`
+	Runsc        runsc.Runsc     `json:"runsc"`
+	Flags        runsc.CellFlags `json:"flags"`
+	TTLSeconds   int64           `json:"ttlSeconds,omitempty"`
+	OutputCap    int64           `json:"outputCap"`
+	MemoryCgroup string          `json:"memoryCgroup,omitempty"` // read for OOM kills after the exit
+	RestoreImage string          `json:"restoreImage,omitempty"` // restore from this checkpoint instead of running config.json's process
+	Pool         bool            `json:"pool,omitempty"`         // the cell runs in a warm-pool sandbox: runsc exec of its process (pool.go)
 }
 
 // check refuses a request the shim cannot trust to be well formed.
@@ -309,13 +311,13 @@ func runShim(dir *owned.Dir, cfg *shimConfig, started func()) (*exitRecord, erro
 		return nil, err
 	}
 
-	cmd := cfg.Runsc.command(context.Background(), cfg.runscArgs(bundle)...)
+	cmd := cfg.Runsc.Command(context.Background(), cfg.runscArgs(bundle)...)
 	cmd.Dir = bundle
 	cmd.Stdout, cmd.Stderr = outW, errW
 	cmd.Env = shimChildEnv()
 	cmd.WaitDelay = 0
 	rec := &exitRecord{StartedAt: time.Now().UTC()}
-	if err := cfg.Runsc.start(cmd); err != nil {
+	if err := cfg.Runsc.Start(cmd); err != nil {
 		return nil, fmt.Errorf("starting runsc: %w", err)
 	}
 	_ = outW.Close()
@@ -366,11 +368,11 @@ func runShim(dir *owned.Dir, cfg *shimConfig, started func()) (*exitRecord, erro
 func (cfg *shimConfig) runscArgs(bundle string) []string {
 	switch {
 	case cfg.RestoreImage != "":
-		return cfg.Runsc.restoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
+		return cfg.Runsc.RestoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
 	case cfg.Pool:
-		return cfg.Runsc.execArgs(cfg.Flags, cfg.RunscID, filepath.Join(bundle, fileProcess), filepath.Join(bundle, fileWorkloadPid))
+		return cfg.Runsc.ExecArgs(cfg.Flags, cfg.RunscID, filepath.Join(bundle, fileProcess), filepath.Join(bundle, fileWorkloadPid))
 	}
-	return cfg.Runsc.runArgs(cfg.Flags, bundle, cfg.RunscID)
+	return cfg.Runsc.RunArgs(cfg.Flags, bundle, cfg.RunscID)
 }
 
 // killExpired ends a cell whose lifetime is over: SIGKILL through runsc, then, if runsc run has
@@ -433,7 +435,7 @@ func interpret(rec *exitRecord, cfg *shimConfig, dir *owned.Dir, ps *os.ProcessS
 	}
 	if code == 128 {
 		if msg := runscFailure(dir, fileRunscLog); msg != "" {
-			rec.Error = clip(msg, maxErrorMsg)
+			rec.Error = runsc.Clip(msg, maxErrorMsg)
 			return
 		}
 	}

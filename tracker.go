@@ -4,6 +4,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/follow"
 	"github.com/cellos/cellos-host-gvisor/internal/owned"
@@ -16,7 +18,7 @@ import (
 type cell struct {
 	id     string
 	paths  cellPaths
-	runsc  *runsc
+	runsc  *runsc.Runsc
 	ready  chan struct{} // closed when Create has finished, successfully or not
 	handle cellos.CellHandle
 

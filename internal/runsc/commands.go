@@ -1,4 +1,4 @@
-package gvisor
+package runsc
 
 import (
 	"bytes"
@@ -10,23 +10,23 @@ import (
 )
 
 // The runsc subcommands that operate on running cells. Like the others, each renders a fixed
-// argv and goes through runsc.exec (management commands) or runsc.command (exec).
+// argv and goes through Runsc.exec (management commands) or Runsc.Command.
 
-// restoreArgs is the argv (without the binary) that restores a cell from a checkpoint image in
+// RestoreArgs is the argv (without the binary) that restores a cell from a checkpoint image in
 // the foreground: the shim waits on it as on `run`.
-func (r *runsc) restoreArgs(c cellFlags, bundle, id, image string) []string {
-	return append(r.globalArgs(&c), "restore", "--image-path", image, "--bundle", bundle, id)
+func (r *Runsc) RestoreArgs(c CellFlags, bundle, id, image string) []string {
+	return append(r.GlobalArgs(&c), "restore", "--image-path", image, "--bundle", bundle, id)
 }
 
-// execArgs is the argv (without the binary) that runs the process described in the OCI process
+// ExecArgs is the argv (without the binary) that runs the process described in the OCI process
 // file inside a running container, in the foreground. runsc writes the process's pid inside the
 // sandbox to pidFile once it has started; its own failures go to c.Log as JSON.
-func (r *runsc) execArgs(c cellFlags, id, processFile, pidFile string) []string {
-	return append(r.globalArgs(&c), "exec", "--process", processFile, "--internal-pid-file", pidFile, id)
+func (r *Runsc) ExecArgs(c CellFlags, id, processFile, pidFile string) []string {
+	return append(r.GlobalArgs(&c), "exec", "--process", processFile, "--internal-pid-file", pidFile, id)
 }
 
 // State returns runsc's view of a container.
-func (r *runsc) State(ctx context.Context, id string) (ContainerState, error) {
+func (r *Runsc) State(ctx context.Context, id string) (ContainerState, error) {
 	out, err := r.exec(ctx, "state", id)
 	if err != nil {
 		return ContainerState{}, err
@@ -39,32 +39,32 @@ func (r *runsc) State(ctx context.Context, id string) (ContainerState, error) {
 }
 
 // KillProcess sends a signal to one process of a container, by its pid inside the sandbox.
-func (r *runsc) KillProcess(ctx context.Context, id string, pid int, signal string) error {
+func (r *Runsc) KillProcess(ctx context.Context, id string, pid int, signal string) error {
 	_, err := r.exec(ctx, "kill", "--pid", strconv.Itoa(pid), id, signal)
 	return err
 }
 
 // Pause freezes every process of a container.
-func (r *runsc) Pause(ctx context.Context, id string) error {
+func (r *Runsc) Pause(ctx context.Context, id string) error {
 	_, err := r.exec(ctx, "pause", id)
 	return err
 }
 
 // Resume thaws a paused container.
-func (r *runsc) Resume(ctx context.Context, id string) error {
+func (r *Runsc) Resume(ctx context.Context, id string) error {
 	_, err := r.exec(ctx, "resume", id)
 	return err
 }
 
 // Checkpoint saves a container's state into imageDir (checkpoint.img) and stops it.
-func (r *runsc) Checkpoint(ctx context.Context, id, imageDir string) error {
+func (r *Runsc) Checkpoint(ctx context.Context, id, imageDir string) error {
 	_, err := r.exec(ctx, "checkpoint", "--image-path", imageDir, id)
 	return err
 }
 
-// sandboxStats is the part of `runsc events --stats` the library reads. The CPU figure is left
+// SandboxStats is the part of `runsc events --stats` the library reads. The CPU figure is left
 // out on purpose: with --ignore-cgroups it is the caller's cgroup, not the sandbox's.
-type sandboxStats struct {
+type SandboxStats struct {
 	Memory struct {
 		Usage struct {
 			Usage uint64 `json:"usage"`
@@ -76,24 +76,24 @@ type sandboxStats struct {
 }
 
 // Stats returns the sandbox's own accounting of a container's memory and tasks.
-func (r *runsc) Stats(ctx context.Context, id string) (sandboxStats, error) {
+func (r *Runsc) Stats(ctx context.Context, id string) (SandboxStats, error) {
 	out, err := r.exec(ctx, "events", "--stats", id)
 	if err != nil {
-		return sandboxStats{}, err
+		return SandboxStats{}, err
 	}
 	var ev struct {
 		Type string       `json:"type"`
-		Data sandboxStats `json:"data"`
+		Data SandboxStats `json:"data"`
 	}
 	if err := json.Unmarshal(bytes.TrimSpace(out), &ev); err != nil {
-		return sandboxStats{}, fmt.Errorf("runsc events --stats %s: %w", id, err)
+		return SandboxStats{}, fmt.Errorf("runsc events --stats %s: %w", id, err)
 	}
 	return ev.Data, nil
 }
 
 // Processes lists a container's processes as pid -> parent pid, from `runsc ps`'s table (its
 // JSON format lists pids only).
-func (r *runsc) Processes(ctx context.Context, id string) (map[int]int, error) {
+func (r *Runsc) Processes(ctx context.Context, id string) (map[int]int, error) {
 	out, err := r.exec(ctx, "ps", id)
 	if err != nil {
 		return nil, err
@@ -131,4 +131,10 @@ func parsePs(out []byte) (map[int]int, error) {
 		procs[pid] = ppid
 	}
 	return procs, nil
+}
+
+// RunDetachedArgs is the argv (without the binary) that starts a sandbox and returns once it
+// runs (a warm-pool sandbox).
+func (r *Runsc) RunDetachedArgs(c CellFlags, bundle, id string) []string {
+	return append(r.GlobalArgs(&c), "run", "--detach", "--bundle", bundle, id)
 }
