@@ -131,7 +131,7 @@ func TestProbeCachedPerBinaryFile(t *testing.T) {
 	require.NoError(t, err)
 	_, err = other.Runtime(ctx)
 	require.NoError(t, err)
-	assert.Equal(t, 2, invocations(t, dir), "cached per binary, across Backends")
+	assert.Equal(t, 4, invocations(t, dir), "each Backend owns its cache: another one probes the binary once too")
 	assert.Equal(t, 1, logs.FilterMessage("runsc runtime").Len(), "logged once per Backend")
 
 	// The binary is replaced in place: probed again.
@@ -142,7 +142,7 @@ func TestProbeCachedPerBinaryFile(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "0.0~20221219.0", info.Version)
 	assert.Equal(t, "ptrace", info.Platform)
-	assert.Equal(t, 4, invocations(t, dir))
+	assert.Equal(t, 6, invocations(t, dir))
 	assert.Equal(t, 2, logs.FilterMessage("runsc runtime").Len())
 }
 
