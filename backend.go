@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"go.uber.org/zap"
@@ -148,14 +150,14 @@ func (b *Backend) locate() location {
 // newCell is what the Backend knows of cell id before anything of it is opened: its paths, its
 // runsc id and its runsc (with the control namespace it gets inside its bundle).
 func (b *Backend) newCell(id string, loc location) *cell {
-	bundle := filepath.Join(loc.root, id)
+	bpath := filepath.Join(loc.root, id)
 	r := *loc.runsc
 	if b.root {
-		r.NetNS = filepath.Join(bundle, fileControlNetns)
+		r.NetNS = filepath.Join(bpath, bundle.ControlNetns)
 	}
 	return &cell{
 		id:     id,
-		paths:  cellPaths{root: loc.root, bundle: bundle, runscID: RunscID(loc.root, id)},
+		paths:  cellPaths{root: loc.root, bundle: bpath, runscID: RunscID(loc.root, id)},
 		runsc:  &r,
 		ready:  make(chan struct{}),
 		exited: make(chan struct{}),
@@ -171,11 +173,11 @@ func (b *Backend) openBundle(c *cell, root *owned.Dir) (*owned.Dir, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := dir.Lstat(fileSandboxConfig); err == nil {
+	if _, err := dir.Lstat(bundle.SandboxSpec); err == nil {
 		dev, ino := dir.Ident()
 		c.paths.runscID = runsc.PoolID(c.paths.root, dev, ino)
 	}
-	if _, err := dir.Lstat(fileControlNetns); err != nil {
+	if _, err := dir.Lstat(bundle.ControlNetns); err != nil {
 		c.runsc.NetNS = "" // none was made (or it is gone): runsc's state is reached from here
 	}
 	c.dir = dir
@@ -261,7 +263,7 @@ func (b *Backend) checkHost(s *cellos.CellSpec) error {
 			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: statReason(err)})
 		} else if !fi.IsDir() {
 			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: fmt.Sprintf("%q is not a directory", r.Path)})
-		} else if err := checkImagePath(r.Path); err != nil {
+		} else if err := bundle.CheckImagePath(r.Path); err != nil {
 			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: err.Error()})
 		} else if !b.root {
 			host = true
@@ -340,13 +342,6 @@ func openExistingRoot(loc location) (*owned.Dir, error) {
 	return root, nil
 }
 
-// bundleMarker is the first file of every bundle: what tells Recover that a directory of the
-// bundle root is the library's.
-type bundleMarker struct {
-	Protocol int    `json:"protocol"`
-	CellID   string `json:"cellId"`
-}
-
 // create does the work of Create once the id is claimed.
 func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, image string) (err error) {
 	s, p := &doc.Spec, c.paths
@@ -404,7 +399,7 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 			return err
 		}
 	}
-	flags := runsc.CellFlags{Log: filepath.Join(p.bundle, fileRunscLog), IgnoreCgroups: !wantsCg, Overlay: "none", Network: c.net.runscNetwork()}
+	flags := runsc.CellFlags{Log: filepath.Join(p.bundle, bundle.RunscLog), IgnoreCgroups: !wantsCg, Overlay: "none", Network: c.net.runscNetwork()}
 	if s.Rootfs != nil && s.Rootfs.Writable {
 		flags.Overlay = "root:memory"
 	}
@@ -439,19 +434,19 @@ func (b *Backend) makeControlNetns(c *cell, dir *owned.Dir) error {
 // of the exit record.
 func (b *Backend) writeBundle(c *cell, dir *owned.Dir, doc *cellos.ExecutionCellDocument, wantsCg bool) error {
 	s := &doc.Spec
-	if err := writeRecord(dir, fileMarker, bundleMarker{Protocol: shimProtocol, CellID: s.ID}); err != nil {
+	if err := bundle.WriteMarker(dir, s.ID); err != nil {
 		return err
 	}
-	rootfs, err := dir.Mkdir(dirRootfs, 0o755)
+	rootfs, err := dir.Mkdir(bundle.Rootfs, 0o755)
 	if err != nil {
 		return err
 	}
 	defer rootfs.Close()
 	if s.Rootfs == nil {
-		if err := writeRootfs(rootfs, s, b.host); err != nil {
+		if err := bundle.WriteRootfs(rootfs, s, b.host); err != nil {
 			return err
 		}
-	} else if err := mountImage(dir, s.Rootfs.Path); err != nil {
+	} else if err := bundle.MountImage(dir, s.Rootfs.Path); err != nil {
 		return err
 	}
 	in := SpecInputs{HostSystem: b.host, NetNSPath: c.net.nsPath(), Sources: c.sources}
@@ -462,28 +457,17 @@ func (b *Backend) writeBundle(c *cell, dir *owned.Dir, doc *cellos.ExecutionCell
 	if err != nil {
 		return err
 	}
-	if err := dir.WriteFile(fileConfig, data, 0o644); err != nil {
+	if err := dir.WriteFile(bundle.Config, data, 0o644); err != nil {
 		return err
 	}
-	return writeBundleFiles(dir)
-}
-
-// writeBundleFiles makes the files every bundle has from the start: the empty logs and the exit
-// record's reserved space.
-func writeBundleFiles(dir *owned.Dir) error {
-	for _, name := range []string{fileStdout, fileStderr, fileRunscLog, fileShimLog} {
-		if err := dir.WriteFile(name, nil, 0o640); err != nil {
-			return err
-		}
-	}
-	return reserveExit(dir)
+	return bundle.WriteFiles(dir)
 }
 
 // startShim hands the cell to a shim — the spare, or one started now — and waits until it has
 // started runsc (or failed to).
 func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg shimConfig) error {
 	id := c.id
-	if err := writeRecord(dir, fileShim, cfg); err != nil { // for operators; never read back
+	if err := bundle.WriteRecord(dir, bundle.ShimConfig, cfg); err != nil { // for operators; never read back
 		return cellos.Errorf("create", id, cellos.ErrHost, "writing the shim record: %w", err)
 	}
 	if err := dir.Verify(); err != nil {
@@ -524,7 +508,7 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 			c.shim, c.pid = nil, pidRecord{}
 			continue
 		default:
-			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", tail(dir, fileShimLog))
+			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before starting runsc: %s", bundle.Tail(dir, bundle.ShimLog))
 		}
 		time.AfterFunc(spareDelay, b.refillSpare) // unless the cell exits sooner (watch)
 		return nil
@@ -534,7 +518,7 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 // startedRunsc tells whether a shim got as far as starting runsc for the bundle: it writes
 // shim.pid just before. Only a hint for retrying with another shim, never an instruction.
 func startedRunsc(dir *owned.Dir) bool {
-	_, err := dir.Lstat(fileShimPid)
+	_, err := dir.Lstat(bundle.ShimPid)
 	return err == nil
 }
 
@@ -569,8 +553,8 @@ func (b *Backend) startWatching(c *cell) {
 	if b.opts.output != nil {
 		stdout, stderr := b.opts.output(c.id)
 		f, err := follow.Start([]follow.Stream{
-			{Path: filepath.Join(c.paths.bundle, fileStdout), To: stdout},
-			{Path: filepath.Join(c.paths.bundle, fileStderr), To: stderr},
+			{Path: filepath.Join(c.paths.bundle, bundle.Stdout), To: stdout},
+			{Path: filepath.Join(c.paths.bundle, bundle.Stderr), To: stderr},
 		})
 		if err != nil {
 			b.log.Warn("cannot follow the cell's output", zap.String("cell", c.id), zap.Error(err))
@@ -619,9 +603,9 @@ func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
 // readExit reads the exit record the shim left.
 func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
 	var rec exitRecord
-	if err := readRecord(c.dir, fileExit, &rec); err != nil {
+	if err := bundle.ReadRecord(c.dir, bundle.Exit, &rec); err != nil {
 		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost,
-			"the cell's shim ended without recording an exit status (%v); shim log: %s", err, tail(c.dir, fileShimLog))
+			"the cell's shim ended without recording an exit status (%v); shim log: %s", err, bundle.Tail(c.dir, bundle.ShimLog))
 	}
 	for name, st := range map[string]streamRecord{"stdout": rec.Stdout, "stderr": rec.Stderr} {
 		if st.Truncated {
@@ -639,28 +623,6 @@ func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
 		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost, "%w to %s; Restore runs it on", ErrCheckpointed, rec.Checkpoint)
 	}
 	return rec.Status, nil
-}
-
-// tail returns the end of a small log file of the bundle, for error messages.
-func tail(dir *owned.Dir, name string) string {
-	if dir == nil {
-		return "(no bundle)"
-	}
-	f, err := dir.OpenFile(name, os.O_RDONLY, 0)
-	if err != nil {
-		return "(unreadable: " + err.Error() + ")"
-	}
-	defer f.Close()
-	const keep = 2000
-	if fi, err := f.Stat(); err == nil && fi.Size() > keep {
-		_, _ = f.Seek(fi.Size()-keep, io.SeekStart)
-	}
-	data, _ := io.ReadAll(io.LimitReader(f, keep))
-	s := strings.TrimSpace(string(data))
-	if s == "" {
-		return "(empty)"
-	}
-	return s
 }
 
 // WaitForExit blocks until the cell has exited or ctx is done, and returns how it ended. Every
@@ -822,7 +784,7 @@ func (b *Backend) teardown(c *cell) error {
 		// The bundle is the record that lets a later Destroy or Recover find what is left.
 		errs = append(errs, fmt.Errorf("bundle %s kept until the rest is gone", p.bundle))
 	default:
-		if err := removeBundle(root, c.id); err != nil {
+		if err := bundle.Remove(root, c.id); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -913,7 +875,7 @@ func (b *Backend) undoCreate(c *cell, root *owned.Dir, wantsCg bool) error {
 			errs = append(errs, err)
 		}
 	}
-	if err := removeBundle(root, c.id); err != nil {
+	if err := bundle.Remove(root, c.id); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/stretchr/testify/require"
 	"go.uber.org/zap/zaptest"
 
@@ -31,8 +33,8 @@ var fakeVars = []string{"FAKE_RUNSC_MODE", "FAKE_RUNSC_EXIT", "FAKE_RUNSC_STDOUT
 // fakeEnv is a backend on a private bundle root with the fake runsc.
 type fakeEnv struct {
 	t    *testing.T
-	dir  string // the test's scratch directory; the bundle root and the fake's log are inside
-	root string // the bundle root
+	dir  string // the test's scratch directory; the bpath root and the fake's log are inside
+	root string // the bpath root
 	log  string // the fake's invocation log
 	bin  string // the fake
 	b    *Backend
@@ -149,7 +151,7 @@ func (e *fakeEnv) destroy(id string) cellos.TeardownReport {
 }
 
 func (e *fakeEnv) bundle(id string) string { return filepath.Join(e.root, id) }
-func (e *fakeEnv) state() string           { return filepath.Join(e.root, ".runsc") }
+func (e *fakeEnv) state() string          { return filepath.Join(e.root, ".runsc") }
 func (e *fakeEnv) runscID(id string) string {
 	return RunscID(e.root, id)
 }
@@ -178,7 +180,7 @@ func (e *fakeEnv) awaitWorkload(id string) int {
 func (e *fakeEnv) shimPid(id string) int {
 	e.t.Helper()
 	var rec pidRecord
-	require.NoError(e.t, readJSON(filepath.Join(e.bundle(id), fileShimPid), &rec))
+	require.NoError(e.t, readJSON(filepath.Join(e.bundle(id), bundle.ShimPid), &rec))
 	require.Positive(e.t, rec.Pid)
 	return rec.Pid
 }
@@ -346,18 +348,18 @@ func TestFakeRunArgv(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, cellos.ExitStatus{Code: 0, Reason: cellos.ExitExited}, st)
 
-	bundle := e.bundle(id)
+	bpath := e.bundle(id)
 	runs := e.calls("run")
 	require.Len(t, runs, 1)
-	want := []string{"--root", e.state(), "--log", filepath.Join(bundle, "runsc.log"), "--log-format=json"}
+	want := []string{"--root", e.state(), "--log", filepath.Join(bpath, "runsc.log"), "--log-format=json"}
 	if os.Geteuid() != 0 {
 		want = append(want, "--rootless")
 	}
-	want = append(want, "--network=none", "--ignore-cgroups", "--overlay2=none", "run", "--bundle", bundle, RunscID(e.root, id))
+	want = append(want, "--network=none", "--ignore-cgroups", "--overlay2=none", "run", "--bundle", bpath, RunscID(e.root, id))
 	require.Equal(t, want, runs[0].Args)
-	require.Equal(t, [][]string{{"stdin=/dev/null", "cwd=" + bundle}}, e.runInfo())
-	for _, f := range []string{fileConfig, fileStdout, fileStderr, fileRunscLog, fileExit, dirRootfs} {
-		_, err := os.Stat(filepath.Join(bundle, f))
+	require.Equal(t, [][]string{{"stdin=/dev/null", "cwd=" + bpath}}, e.runInfo())
+	for _, f := range []string{bundle.Config, bundle.Stdout, bundle.Stderr, bundle.RunscLog, bundle.Exit, bundle.Rootfs} {
+		_, err := os.Stat(filepath.Join(bpath, f))
 		require.NoError(t, err)
 	}
 	require.Len(t, e.calls(""), 1, "a cell that ran to its end needs no other runsc call: %v", e.calls(""))
@@ -365,7 +367,7 @@ func TestFakeRunArgv(t *testing.T) {
 	rep, err := e.b.Destroy(context.Background(), h)
 	require.NoError(t, err)
 	require.Equal(t, cellos.TeardownReport{CellID: id, Destroyed: true, PeersTrackedAfter: 0}, rep)
-	require.NoDirExists(t, bundle)
+	require.NoDirExists(t, bpath)
 }
 
 func TestFakeRunArgvRelativeBundleRoot(t *testing.T) {
@@ -434,15 +436,15 @@ func TestFakePlatformAndRunscFlags(t *testing.T) {
 	e.awaitWorkload(id)
 	e.destroy(id)
 
-	bundle, rid := e.bundle(id), e.runscID(id)
+	bpath, rid := e.bundle(id), e.runscID(id)
 	runs := e.calls("run")
 	require.Len(t, runs, 1)
-	want := []string{"--root", e.state(), "--log", filepath.Join(bundle, "runsc.log"), "--log-format=json"}
+	want := []string{"--root", e.state(), "--log", filepath.Join(bpath, "runsc.log"), "--log-format=json"}
 	if os.Geteuid() != 0 {
 		want = append(want, "--rootless")
 	}
 	want = append(want, "--platform=ptrace", "--network=none", "--ignore-cgroups", "--overlay2=none",
-		"--debug", "--debug-log=/dev/null", "--strace", "run", "--bundle", bundle, rid)
+		"--debug", "--debug-log=/dev/null", "--strace", "run", "--bundle", bpath, rid)
 	require.Equal(t, want, runs[0].Args)
 
 	kills := e.calls("kill")
@@ -499,7 +501,7 @@ func TestFakeExitCodes(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, tc.want, st, "a later waiter gets the same status")
 			var rec exitRecord
-			require.NoError(t, readJSON(filepath.Join(e.bundle(id), fileExit), &rec))
+			require.NoError(t, readJSON(filepath.Join(e.bundle(id), bundle.Exit), &rec))
 			require.Equal(t, tc.want, rec.Status, "exit.json records the status durably")
 			require.Equal(t, "exit "+strconv.Itoa(tc.code), rec.Runsc)
 			rep := e.destroy(id)
@@ -638,7 +640,7 @@ func TestFakeDuplicateID(t *testing.T) {
 	_, err = other.Create(context.Background(), fakeDoc("dup"))
 	require.ErrorIs(t, err, cellos.ErrAlreadyExists)
 	require.True(t, fakeAlive(w), "a refused duplicate must not touch the running cell")
-	require.FileExists(t, filepath.Join(e.bundle("dup"), fileConfig))
+	require.FileExists(t, filepath.Join(e.bundle("dup"), bundle.Config))
 	require.Len(t, e.calls("run"), 1)
 
 	// A directory nobody tracks is never reused or removed by Create.
@@ -952,10 +954,10 @@ func TestFakeOutput(t *testing.T) {
 	require.NotNil(t, out)
 	require.Equal(t, wantOut, out.stdout.String(), "the writer has all of stdout when WaitForExit returns")
 	require.Equal(t, "oops\n", out.stderr.String())
-	data, err := os.ReadFile(filepath.Join(e.bundle(id), fileStdout))
+	data, err := os.ReadFile(filepath.Join(e.bundle(id), bundle.Stdout))
 	require.NoError(t, err)
 	require.Equal(t, wantOut, string(data))
-	data, err = os.ReadFile(filepath.Join(e.bundle(id), fileStderr))
+	data, err = os.ReadFile(filepath.Join(e.bundle(id), bundle.Stderr))
 	require.NoError(t, err)
 	require.Equal(t, "oops\n", string(data))
 	e.destroy(id)
@@ -970,17 +972,17 @@ func TestFakeOutputCap(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, cellos.ExitStatus{Reason: cellos.ExitExited}, st)
 	want := strings.Repeat("x", 1000) + "\n[cellos: stdout truncated at 1000 bytes]\n"
-	data, err := os.ReadFile(filepath.Join(e.bundle(id), fileStdout))
+	data, err := os.ReadFile(filepath.Join(e.bundle(id), bundle.Stdout))
 	require.NoError(t, err)
 	require.Equal(t, want, string(data))
 	require.Equal(t, want, e.out(id).stdout.String())
 	require.Equal(t, "small\n", e.out(id).stderr.String())
 
 	var rec exitRecord
-	require.NoError(t, readJSON(filepath.Join(e.bundle(id), fileExit), &rec))
+	require.NoError(t, readJSON(filepath.Join(e.bundle(id), bundle.Exit), &rec))
 	require.Equal(t, streamRecord{Bytes: 1000, Dropped: 4000, Truncated: true}, rec.Stdout)
 	require.Equal(t, streamRecord{Bytes: 6}, rec.Stderr)
-	shimLog, err := os.ReadFile(filepath.Join(e.bundle(id), fileShimLog))
+	shimLog, err := os.ReadFile(filepath.Join(e.bundle(id), bundle.ShimLog))
 	require.NoError(t, err)
 	require.Contains(t, string(shimLog), "stdout reached its cap of 1000 bytes")
 	e.destroy(id)

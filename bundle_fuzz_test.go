@@ -9,6 +9,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -53,7 +55,7 @@ func FuzzBuildSpec(f *testing.F) {
 		if err := json.Unmarshal(out, &back); err != nil {
 			t.Fatalf("config.json does not parse back: %v", err)
 		}
-		if back.Root == nil || back.Root.Path != dirRootfs {
+		if back.Root == nil || back.Root.Path != bundle.Rootfs {
 			t.Fatalf("root %+v is not the bundle's own rootfs", back.Root)
 		}
 		if back.Hostname != doc.Spec.ID || back.Annotations[AnnotationCellID] != doc.Spec.ID {

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 	"github.com/stretchr/testify/assert"
@@ -549,7 +551,7 @@ func TestRootfsWrite(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			root := t.TempDir()
 			doc := parseSpec(t, `{"id": "etc-test", "run": {"argv": ["/bin/true"]`+tt.user+`}}`)
-			require.NoError(t, writeRootfs(ownedDir(t, root), &doc.Spec, goldenHost()))
+			require.NoError(t, bundle.WriteRootfs(ownedDir(t, root), &doc.Spec, goldenHost()))
 
 			for _, h := range goldenHost() {
 				p := filepath.Join(root, h.Path)
@@ -605,7 +607,7 @@ func TestRootfsWrite(t *testing.T) {
 func TestRootfsUsersResolve(t *testing.T) {
 	for _, u := range []cellos.UserSpec{{UID: 0, GID: 0}, {UID: 1000, GID: 1000}, {UID: 1000, GID: 65534}, {UID: 65534, GID: 2000}, {UID: 65534, GID: 65534}} {
 		spec := &cellos.CellSpec{ID: "u", Run: cellos.RunSpec{Argv: []string{"/x"}, User: &u}}
-		files := etcFiles(spec)
+		files := bundle.EtcFiles(spec)
 		assert.True(t, hasEntry(files["passwd"], u.UID), "passwd has uid %d:\n%s", u.UID, files["passwd"])
 		assert.True(t, hasEntry(files["group"], u.GID), "group has gid %d:\n%s", u.GID, files["group"])
 	}

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -118,21 +120,21 @@ func probeAbstract(ctx context.Context, r runsc.Runsc, host []HostEntry) (bool, 
 		return false, err
 	}
 	defer top.Close()
-	rootfs, err := top.Mkdir(dirRootfs, 0o755)
+	rootfs, err := top.Mkdir(bundle.Rootfs, 0o755)
 	if err != nil {
 		return false, err
 	}
 	defer rootfs.Close()
 	doc := &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind,
 		Spec: cellos.CellSpec{ID: "ctlprobe", Run: cellos.RunSpec{Argv: []string{"/bin/sleep", "60"}}}}
-	if err := writeRootfs(rootfs, &doc.Spec, host); err != nil {
+	if err := bundle.WriteRootfs(rootfs, &doc.Spec, host); err != nil {
 		return false, err
 	}
 	data, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: host}))
 	if err != nil {
 		return false, err
 	}
-	if err := top.WriteFile(fileConfig, data, 0o644); err != nil {
+	if err := top.WriteFile(bundle.Config, data, 0o644); err != nil {
 		return false, err
 	}
 	var extra []string

@@ -12,6 +12,7 @@ require (
 )
 
 require (
+	github.com/moby/sys/mountinfo v0.7.2 // indirect
 	github.com/vishvananda/netlink v1.3.1 // indirect
 	github.com/vishvananda/netns v0.0.5 // indirect
 	go.uber.org/multierr v1.10.0 // indirect

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"go.uber.org/zap"
@@ -48,10 +50,6 @@ const (
 	NetworkSandbox = "sandbox" // gVisor's netstack in the cell's namespace (--network=sandbox)
 	NetworkHost    = "host"    // the host kernel's stack in the cell's namespace (--network=host); see WithHostStackNetworking
 )
-
-// fileNet is the bundle's record of the cell's network (netRecord), written before anything of
-// it exists on the host, so that Destroy and Recover from any process find and remove it.
-const fileNet = "net.json"
 
 type netOptions struct {
 	pool      netip.Prefix
@@ -116,7 +114,7 @@ type CellNetwork struct {
 	Uplink        string // the masquerading interface, "" for none
 }
 
-// netRecord is fileNet.
+// netRecord is bundle.Net.
 type netRecord struct {
 	Mode string `json:"mode"`
 	netcell.Cell
@@ -307,7 +305,7 @@ func (b *Backend) setupNetwork(ctx context.Context, c *cell) error {
 	n := c.net
 	start := time.Now()
 	nc, err := netcell.Setup(ctx, n.spec, func(nc *netcell.Cell) error {
-		return writeRecord(c.dir, fileNet, netRecord{Mode: n.mode, Cell: *nc})
+		return bundle.WriteRecord(c.dir, bundle.Net, netRecord{Mode: n.mode, Cell: *nc})
 	})
 	if err != nil {
 		kind := cellos.ErrHost
@@ -376,9 +374,9 @@ func (b *Backend) readNetRecord(c *cell, name string) *netRecord {
 	if c.dir == nil {
 		return nil
 	}
-	path := filepath.Join(c.dir.Path(), fileNet)
+	path := filepath.Join(c.dir.Path(), bundle.Net)
 	var rec netRecord
-	if err := readRecord(c.dir, fileNet, &rec); err != nil {
+	if err := bundle.ReadRecord(c.dir, bundle.Net, &rec); err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			b.log.Warn("ignoring the bundle's network record: unreadable", zap.String("cell", c.id), zap.String("file", path), zap.Error(err))
 		}
@@ -551,20 +549,20 @@ func trialRun(ctx context.Context, r runsc.Runsc, host []HostEntry, dir, ns, net
 		return false, "", err
 	}
 	defer bdir.Close()
-	bundle := bdir.Path()
-	rootfs, err := bdir.Mkdir(dirRootfs, 0o755)
+	bpath := bdir.Path()
+	rootfs, err := bdir.Mkdir(bundle.Rootfs, 0o755)
 	if err != nil {
 		return false, "", err
 	}
 	defer rootfs.Close()
 	doc := &cellos.ExecutionCellDocument{APIVersion: cellos.APIVersion, Kind: cellos.Kind,
 		Spec: cellos.CellSpec{ID: "netprobe", Run: cellos.RunSpec{Argv: []string{"/bin/true"}}}}
-	if err := writeRootfs(rootfs, &doc.Spec, host); err != nil {
+	if err := bundle.WriteRootfs(rootfs, &doc.Spec, host); err != nil {
 		return false, "", err
 	}
 	data, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: host, NetNSPath: ns}))
 	if err == nil {
-		err = bdir.WriteFile(fileConfig, data, 0o644)
+		err = bdir.WriteFile(bundle.Config, data, 0o644)
 	}
 	if err != nil {
 		return false, "", err
@@ -577,8 +575,8 @@ func trialRun(ctx context.Context, r runsc.Runsc, host []HostEntry, dir, ns, net
 	if r.NoOverlay2 {
 		flags.Overlay = ""
 	}
-	cmd := r.Command(ctx, r.RunArgs(flags, bundle, id)...)
-	cmd.Dir = bundle
+	cmd := r.Command(ctx, r.RunArgs(flags, bpath, id)...)
+	cmd.Dir = bpath
 	var out runsc.BoundedBuffer
 	out.Max = 64 << 10
 	cmd.Stdout, cmd.Stderr = &out, &out

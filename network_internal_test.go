@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -33,7 +35,7 @@ func TestSpecNetworkNamespacePath(t *testing.T) {
 	assert.Equal(t, "/run/netns/"+RunscID("/var/lib/cellos", "egress"), path)
 	data, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), NetNSPath: path}))
 	require.NoError(t, err)
-	want, err := marshalSpecJSON(BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), NetNSPath: path}))
+	want, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: goldenHost(), NetNSPath: path}))
 	require.NoError(t, err)
 	assert.Equal(t, string(want), string(data))
 	require.NoError(t, validateConfig(configSchema(t), data))
@@ -142,7 +144,7 @@ func TestNetRecordNeverInstructs(t *testing.T) {
 	write := func(rec any) string {
 		data, err := json.Marshal(rec)
 		require.NoError(t, err)
-		path := filepath.Join(c.paths.bundle, fileNet)
+		path := filepath.Join(c.paths.bundle, bundle.Net)
 		require.NoError(t, os.WriteFile(path, data, 0o644))
 		return path
 	}

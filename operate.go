@@ -1,7 +1,6 @@
 package gvisor
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
@@ -47,18 +48,14 @@ var (
 	ErrCheckpointed = errors.New("the cell was checkpointed and stopped")
 )
 
-// Files of a bundle that the operations keep.
-const (
-	// fileCheckpoint records a checkpoint under way or done. runsc run exits 0 when its container
-	// is checkpointed; the shim reads this file to record a checkpoint rather than an exit.
-	fileCheckpoint = "checkpoint.json"
-	// filePaused is present while the cell is paused through the library, so that Destroy and
-	// the shim's lifetime limit resume it before killing it: a paused sandbox does not take
-	// SIGKILL (Debian's runsc refuses to signal it; a forced delete panics).
-	filePaused = "paused"
-	// checkpointImage is the file runsc writes into a checkpoint's image directory.
-	checkpointImage = "checkpoint.img"
-)
+// The bundle's checkpoint.json records a checkpoint under way or done: runsc run exits 0 when
+// its container is checkpointed, and the shim reads it to record a checkpoint rather than an
+// exit. Its paused file is present while the cell is paused through the library, so that
+// Destroy and the shim's lifetime limit resume it before killing it: a paused sandbox does not
+// take SIGKILL (Debian's runsc refuses to signal it; a forced delete panics).
+
+// checkpointImage is the file runsc writes into a checkpoint's image directory.
+const checkpointImage = "checkpoint.img"
 
 // Bounds on the operations' own waits.
 const (
@@ -76,7 +73,7 @@ type checkpointRecord struct {
 // checkpointedTo returns the image directory of the checkpoint recorded in the bundle, or "".
 func checkpointedTo(dir *owned.Dir) string {
 	var rec checkpointRecord
-	if dir == nil || readRecord(dir, fileCheckpoint, &rec) != nil || !filepath.IsAbs(rec.Image) {
+	if dir == nil || bundle.ReadRecord(dir, bundle.Checkpoint, &rec) != nil || !filepath.IsAbs(rec.Image) {
 		return ""
 	}
 	return filepath.Clean(rec.Image)
@@ -94,19 +91,19 @@ func checkpointWritten(image string) bool {
 	return err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Size > 0
 }
 
-// resumePaused resumes a cell that Pause left paused (see filePaused). Destroy and the shim's
+// resumePaused resumes a cell that Pause left paused (see bundle.Paused). Destroy and the shim's
 // lifetime limit call it before they send SIGKILL.
 func resumePaused(r *runsc.Runsc, runscID string, dir *owned.Dir) {
 	if dir == nil || r.Path == "" {
 		return
 	}
-	if _, err := dir.Lstat(filePaused); err != nil {
+	if _, err := dir.Lstat(bundle.Paused); err != nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
 	defer cancel()
 	if r.Resume(ctx, runscID) == nil {
-		_ = dir.Remove(filePaused)
+		_ = dir.Remove(bundle.Paused)
 	}
 }
 
@@ -244,7 +241,7 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 		return cellos.ExitStatus{}, err
 	}
 	var spec specs.Spec
-	if err := readConfig(c.dir, &spec); err != nil {
+	if err := bundle.ReadConfig(c.dir, &spec); err != nil {
 		return cellos.ExitStatus{}, cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	if spec.Process == nil {
@@ -313,21 +310,6 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 		}
 	}
 	return classify(code), nil
-}
-
-// maxConfig bounds the config.json the library reads back (a document at its size limits).
-const maxConfig = 8 << 20
-
-// readConfig reads the bundle's config.json, which the library wrote: the cell's own process
-// for Exec, never an instruction to the host.
-func readConfig(dir *owned.Dir, spec *specs.Spec) error {
-	data, err := dir.ReadFile(fileConfig, maxConfig)
-	if err != nil {
-		return err
-	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	return dec.Decode(spec)
 }
 
 // execFlags are the global runsc flags of an Exec into c: the ones it was started with, as the
@@ -541,14 +523,14 @@ func (b *Backend) Pause(ctx context.Context, cellID string) error {
 		return err
 	}
 	// The marker comes first: a crash after the pause must not leave a cell Destroy cannot kill.
-	if err := c.dir.WriteFile(filePaused, nil, 0o644); err != nil && !errors.Is(err, fs.ErrExist) {
+	if err := c.dir.WriteFile(bundle.Paused, nil, 0o644); err != nil && !errors.Is(err, fs.ErrExist) {
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	mctx, cancel := management(ctx)
 	defer cancel()
 	if err := c.runsc.Pause(mctx, c.paths.runscID); err != nil {
 		if st, serr := c.runsc.State(mctx, c.paths.runscID); serr != nil || st.Status != "paused" {
-			_ = c.dir.Remove(filePaused)
+			_ = c.dir.Remove(bundle.Paused)
 		}
 		return b.failed(op, c, err)
 	}
@@ -569,11 +551,11 @@ func (b *Backend) Resume(ctx context.Context, cellID string) error {
 	defer cancel()
 	if err := c.runsc.Resume(mctx, c.paths.runscID); err != nil {
 		if st, serr := c.runsc.State(mctx, c.paths.runscID); serr == nil && st.Status != "paused" {
-			_ = c.dir.Remove(filePaused)
+			_ = c.dir.Remove(bundle.Paused)
 		}
 		return b.failed(op, c, err)
 	}
-	_ = c.dir.Remove(filePaused)
+	_ = c.dir.Remove(bundle.Paused)
 	return nil
 }
 
@@ -620,7 +602,7 @@ func (b *Backend) Checkpoint(ctx context.Context, cellID, imageDir string) error
 		return cellos.Errorf(op, cellID, cellos.ErrHost, "image directory: %w", err)
 	}
 	defer imgDir.Close()
-	if err := writeRecord(c.dir, fileCheckpoint, checkpointRecord{Image: image, At: time.Now().UTC()}); err != nil {
+	if err := bundle.WriteRecord(c.dir, bundle.Checkpoint, checkpointRecord{Image: image, At: time.Now().UTC()}); err != nil {
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	start := time.Now()
@@ -628,7 +610,7 @@ func (b *Backend) Checkpoint(ctx context.Context, cellID, imageDir string) error
 		if b.hasStopped(c) {
 			return b.checkpointOutcome(op, c, err)
 		}
-		_ = c.dir.Remove(fileCheckpoint)
+		_ = c.dir.Remove(bundle.Checkpoint)
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	privateImage(imgDir)
@@ -638,7 +620,7 @@ func (b *Backend) Checkpoint(ctx context.Context, cellID, imageDir string) error
 	case <-time.After(exitPublishGrace):
 		if !b.hasStopped(c) {
 			// The record must not turn a later exit 0 of the workload into a checkpoint.
-			_ = c.dir.Remove(fileCheckpoint)
+			_ = c.dir.Remove(bundle.Checkpoint)
 			return cellos.Errorf(op, cellID, cellos.ErrHost, "runsc saved the cell into %s but did not stop it", image)
 		}
 	}
@@ -814,7 +796,7 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 		if err != nil {
 			continue // not a directory of the library's
 		}
-		if !hasMarker(dir, id) {
+		if !bundle.HasMarker(dir, id) {
 			_ = dir.Close()
 			continue
 		}
@@ -826,7 +808,7 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 		dev, ino := dir.Ident()
 		_, running := shims[proc.FileIdent{Dev: dev, Ino: ino}]
 		switch {
-		case readRecord(dir, fileExit, &rec) == nil:
+		case bundle.ReadRecord(dir, bundle.Exit, &rec) == nil:
 			switch {
 			case rec.Checkpoint != "":
 				info.Status = "checkpointed"
@@ -838,7 +820,7 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 			}
 		case running:
 			info.Status = "running"
-			if _, err := dir.Lstat(filePaused); err == nil {
+			if _, err := dir.Lstat(bundle.Paused); err == nil {
 				info.Status = "paused"
 			}
 		}
@@ -846,12 +828,6 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 		out = append(out, info)
 	}
 	return out, nil
-}
-
-// hasMarker reports whether dir carries the library's bundle marker for the cell id.
-func hasMarker(dir *owned.Dir, id string) bool {
-	var m bundleMarker
-	return readRecord(dir, fileMarker, &m) == nil && m.Protocol == shimProtocol && m.CellID == id
 }
 
 // knowRunsc completes an untracked cell's runsc from the Backend's own configuration: the

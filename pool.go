@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -73,16 +75,8 @@ const (
 	MaxWarmPool = 256
 )
 
-// Files and directories of the warm pool.
-const (
-	poolDirName       = ".pool"        // <bundle root>/.pool/<name>: the idle sandboxes
-	fileKeeper        = "keeper.json"  // keeperConfig
-	fileKeeperPid     = "keeper.pid"   // the keeper while idle (shim.pid is written once it serves a cell)
-	fileSandboxConfig = "sandbox.json" // a pooled cell's bundle: the config.json its sandbox was started with
-	fileSandboxLog    = "sandbox.log"  // runsc's log of the sandbox itself (runsc.log is the workload's exec)
-	fileProcess       = "process.json" // the workload's OCI process, for runsc exec --process
-	fileWorkloadPid   = "workload.pid" // the workload's pid inside the sandbox (runsc exec --internal-pid-file)
-)
+// poolDirName is <bundle root>/.pool/<name>: the idle sandboxes.
+const poolDirName = ".pool"
 
 // Bounds of the pool's waits.
 const (
@@ -286,10 +280,10 @@ func (p *warmPool) run() {
 // runs longer gets its replacement after poolSettle.
 func (p *warmPool) settle() {
 	p.mu.Lock()
-	bundle, at := p.lastClaim, p.lastClaimAt
+	last, at := p.lastClaim, p.lastClaimAt
 	p.mu.Unlock()
-	for deadline := at.Add(poolSettle); bundle != "" && time.Now().Before(deadline); {
-		if exists(filepath.Join(bundle, fileExit)) || !exists(bundle) { // a hint only: nothing is done with either
+	for deadline := at.Add(poolSettle); last != "" && time.Now().Before(deadline); {
+		if exists(filepath.Join(last, bundle.Exit)) || !exists(last) { // a hint only: nothing is done with either
 			return // it ended, or is gone
 		}
 		select {
@@ -421,7 +415,7 @@ func (p *warmPool) keeperExited(e *warmEntry) {
 	if i < 0 {
 		return
 	}
-	p.b.log.Warn("warm pool: an idle sandbox ended", zap.String("sandbox", e.runscID), zap.String("log", tail(e.d, fileShimLog)))
+	p.b.log.Warn("warm pool: an idle sandbox ended", zap.String("sandbox", e.runscID), zap.String("log", bundle.Tail(e.d, bundle.ShimLog)))
 	if err := p.discard(e); err != nil {
 		p.b.log.Warn("warm pool: removing an idle sandbox", zap.String("sandbox", e.runscID), zap.Error(err))
 	}
@@ -514,9 +508,9 @@ func (p *warmPool) newEntry(loc location, pdir *owned.Dir, key string, limits cg
 	e := &warmEntry{name: name, dir: d.Path(), d: d, runscID: runsc.PoolIDPrefix + name, key: key, runsc: *loc.runsc,
 		limits: limits, exited: make(chan struct{})}
 	if p.b.root {
-		e.runsc.NetNS = filepath.Join(e.dir, fileControlNetns)
+		e.runsc.NetNS = filepath.Join(e.dir, bundle.ControlNetns)
 	}
-	e.flags = runsc.CellFlags{Log: filepath.Join(e.dir, fileSandboxLog), IgnoreCgroups: limits == (cgroups.Limits{}), Overlay: "none"}
+	e.flags = runsc.CellFlags{Log: filepath.Join(e.dir, bundle.SandboxLog), IgnoreCgroups: limits == (cgroups.Limits{}), Overlay: "none"}
 	if loc.runsc.NoOverlay2 {
 		e.flags.Overlay = ""
 	}
@@ -528,12 +522,12 @@ func (p *warmPool) newEntry(loc location, pdir *owned.Dir, key string, limits cg
 // /etc that do not depend on the cell), config.json, the empty files the cell will use, its
 // cgroups and its control namespace.
 func (p *warmPool) prepare(e *warmEntry, idle *cellos.ExecutionCellDocument) error {
-	rootfs, err := e.d.Mkdir(dirRootfs, 0o755)
+	rootfs, err := e.d.Mkdir(bundle.Rootfs, 0o755)
 	if err != nil {
 		return err
 	}
 	defer rootfs.Close()
-	if err := writeHostLinks(rootfs, p.b.host); err != nil {
+	if err := bundle.WriteHostLinks(rootfs, p.b.host); err != nil {
 		return err
 	}
 	etc, err := rootfs.Mkdir("etc", 0o755)
@@ -543,7 +537,7 @@ func (p *warmPool) prepare(e *warmEntry, idle *cellos.ExecutionCellDocument) err
 	defer etc.Close()
 	// passwd and group name the cell's user: they are written when a cell claims the sandbox, as
 	// new files the sandbox has never looked up.
-	files := etcFiles(&idle.Spec)
+	files := bundle.EtcFiles(&idle.Spec)
 	for _, name := range []string{"hosts", "hostname", "resolv.conf"} {
 		if err := etc.WriteFile(name, []byte(files[name]), 0o644); err != nil {
 			return err
@@ -559,13 +553,13 @@ func (p *warmPool) prepare(e *warmEntry, idle *cellos.ExecutionCellDocument) err
 	if err != nil {
 		return err
 	}
-	if err := e.d.WriteFile(fileConfig, data, 0o644); err != nil {
+	if err := e.d.WriteFile(bundle.Config, data, 0o644); err != nil {
 		return err
 	}
-	if err := writeBundleFiles(e.d); err != nil {
+	if err := bundle.WriteFiles(e.d); err != nil {
 		return err
 	}
-	if err := e.d.WriteFile(fileSandboxLog, nil, 0o640); err != nil {
+	if err := e.d.WriteFile(bundle.SandboxLog, nil, 0o640); err != nil {
 		return err
 	}
 	if e.limits != (cgroups.Limits{}) {
@@ -597,7 +591,7 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 	dev, ino := e.d.Ident()
 	r := e.runsc
 	if r.NetNS != "" {
-		r.NetNS = fileControlNetns // the keeper works in its directory, wherever it is moved
+		r.NetNS = bundle.ControlNetns // the keeper works in its directory, wherever it is moved
 	}
 	req := keeperRequest{Protocol: shimProtocol, Dir: e.dir, Dev: dev, Ino: ino, RunscID: e.runscID, Runsc: r, Flags: e.flags}
 	if err := k.send(req); err != nil {
@@ -605,7 +599,7 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 	}
 	line, err := e.reply(ctx, poolStartTimeout)
 	if err != nil {
-		return fmt.Errorf("waiting for an idle sandbox to start: %w; keeper log: %s", err, tail(e.d, fileShimLog))
+		return fmt.Errorf("waiting for an idle sandbox to start: %w; keeper log: %s", err, bundle.Tail(e.d, bundle.ShimLog))
 	}
 	if line != "ok" {
 		return fmt.Errorf("%s", strings.TrimPrefix(line, "error: "))
@@ -695,7 +689,7 @@ func removeEntry(d *owned.Dir) error {
 		}
 		return err
 	}
-	return removeBundle(parent, filepath.Base(d.Path()))
+	return bundle.Remove(parent, filepath.Base(d.Path()))
 }
 
 // removeSandbox force-deletes a pool sandbox runsc still holds state of.
@@ -855,7 +849,7 @@ func (b *Backend) createFromPool(ctx context.Context, c *cell, doc *cellos.Execu
 // claim hands the idle sandbox e to the cell c. cold is true when the failure is the pool's and
 // nothing of the cell is left: the cold path may still create it.
 func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellDocument, e *warmEntry) (cold bool, err error) {
-	p, s, bundle := b.pool, &doc.Spec, c.paths.bundle
+	p, s, bpath := b.pool, &doc.Spec, c.paths.bundle
 	fail := func(kind error, format string, args ...any) error {
 		return cellos.Errorf("create", s.ID, kind, format, args...)
 	}
@@ -875,7 +869,7 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 	}
 	defer pdir.Close()
 	cfg := shimConfig{CellID: s.ID, RunscID: e.runscID, Runsc: *c.runsc,
-		Flags:      runsc.CellFlags{Log: filepath.Join(bundle, fileRunscLog), IgnoreCgroups: e.flags.IgnoreCgroups, Overlay: e.flags.Overlay},
+		Flags:      runsc.CellFlags{Log: filepath.Join(bpath, bundle.RunscLog), IgnoreCgroups: e.flags.IgnoreCgroups, Overlay: e.flags.Overlay},
 		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, Pool: true}
 	cfg.Runsc.NetNS = "" // set below, once the directory is the bundle
 	if e.limits != (cgroups.Limits{}) {
@@ -888,27 +882,27 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 	if err := pdir.Rename(e.name, root, s.ID); err != nil {
 		go p.discardLogged(e)
 		if errors.Is(err, fs.ErrExist) {
-			return false, fail(cellos.ErrAlreadyExists, "%s exists; Destroy or Recover removes it", bundle)
+			return false, fail(cellos.ErrAlreadyExists, "%s exists; Destroy or Recover removes it", bpath)
 		}
 		return true, fail(cellos.ErrHost, "moving a pool sandbox to the bundle: %w", err)
 	}
 	p.disown(e.name) // the directory is the cell's bundle now
 	dev, ino := e.d.Ident()
-	c.dir, err = owned.OpenIdent(bundle, dev, ino)
+	c.dir, err = owned.OpenIdent(bpath, dev, ino)
 	if err != nil {
 		// Someone moved it meanwhile: it is not the cell's, and nothing is sent to the keeper.
 		return false, fail(cellos.ErrHost, "the bundle after the move: %w", err)
 	}
 	c.paths.runscID, c.pid = e.runscID, e.keeper.ident
 	if e.runsc.NetNS != "" {
-		c.runsc.NetNS = filepath.Join(bundle, fileControlNetns)
+		c.runsc.NetNS = filepath.Join(bpath, bundle.ControlNetns)
 		cfg.Runsc.NetNS = c.runsc.NetNS
 	}
 	if e.limits != (cgroups.Limits{}) {
 		cgPath := cgroups.Path(e.runscID)
 		c.handle.CgroupPath, c.memory = &cgPath, cfg.MemoryCgroup
 	}
-	err = e.keeper.send(shimRequest{Protocol: shimProtocol, Bundle: bundle, Dev: dev, Ino: ino, Config: cfg})
+	err = e.keeper.send(shimRequest{Protocol: shimProtocol, Bundle: bpath, Dev: dev, Ino: ino, Config: cfg})
 	_ = e.keeper.requests.Close()
 	line := ""
 	if err == nil {
@@ -932,7 +926,7 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 		_ = c.dir.Close()
 		c.dir, c.handle.CgroupPath, c.memory = nil, nil, ""
 		c.paths.runscID, c.pid = RunscID(c.paths.root, s.ID), pidRecord{}
-		c.runsc.NetNS = filepath.Join(bundle, fileControlNetns)
+		c.runsc.NetNS = filepath.Join(bpath, bundle.ControlNetns)
 		return true, err
 	}
 	_ = e.d.Close()
@@ -971,8 +965,8 @@ type execCapabilities struct {
 // is kept as sandbox.json), the workload's process, the marker and the shim record.
 func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocument, cfg shimConfig) error {
 	s := &doc.Spec
-	files := etcFiles(s)
-	rootfs, err := e.d.OpenDir(dirRootfs)
+	files := bundle.EtcFiles(s)
+	rootfs, err := e.d.OpenDir(bundle.Rootfs)
 	if err != nil {
 		return err
 	}
@@ -997,10 +991,10 @@ func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocumen
 	if err != nil {
 		return err
 	}
-	if err := e.d.Rename(fileConfig, e.d, fileSandboxConfig); err != nil {
+	if err := e.d.Rename(bundle.Config, e.d, bundle.SandboxSpec); err != nil {
 		return err
 	}
-	if err := e.d.WriteFile(fileConfig, data, 0o644); err != nil {
+	if err := e.d.WriteFile(bundle.Config, data, 0o644); err != nil {
 		return err
 	}
 	empty := []string{}
@@ -1011,13 +1005,13 @@ func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocumen
 	if err != nil {
 		return err
 	}
-	if err := e.d.WriteFile(fileProcess, data, 0o644); err != nil {
+	if err := e.d.WriteFile(bundle.Process, data, 0o644); err != nil {
 		return err
 	}
-	if err := writeRecord(e.d, fileMarker, bundleMarker{Protocol: shimProtocol, CellID: s.ID}); err != nil {
+	if err := bundle.WriteMarker(e.d, s.ID); err != nil {
 		return err
 	}
-	return writeRecord(e.d, fileShim, cfg) // for operators; never read back
+	return bundle.WriteRecord(e.d, bundle.ShimConfig, cfg) // for operators; never read back
 }
 
 // signalCell sends sig to the cell's workload: the container's init for a cold cell, the
@@ -1026,7 +1020,7 @@ func (b *Backend) signalCell(ctx context.Context, c *cell, sig syscall.Signal) e
 	if !runsc.IsPoolID(c.paths.runscID) {
 		return c.runsc.Kill(ctx, c.paths.runscID, strconv.Itoa(int(sig)))
 	}
-	pidFile := filepath.Join(c.paths.bundle, fileWorkloadPid)
+	pidFile := filepath.Join(c.paths.bundle, bundle.WorkloadPid)
 	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
 		data, err := os.ReadFile(pidFile)
 		if pid, perr := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && perr == nil && pid > 0 {
@@ -1104,7 +1098,7 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 	if name != runsc.PoolName(loc.root, dev, ino) {
 		if strings.HasPrefix(name, "new-") {
 			// An entry whose making was interrupted before its rename: nothing ran in it.
-			return removeBundle(pdir, name)
+			return bundle.Remove(pdir, name)
 		}
 		b.log.Warn("skipping an entry of the pool directory that is not the library's", zap.String("path", path))
 		return nil
@@ -1121,8 +1115,8 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 	}
 	r := *loc.runsc
 	r.NetNS = ""
-	if _, err := d.Lstat(fileControlNetns); err == nil && b.root {
-		r.NetNS = filepath.Join(path, fileControlNetns)
+	if _, err := d.Lstat(bundle.ControlNetns); err == nil && b.root {
+		r.NetNS = filepath.Join(path, bundle.ControlNetns)
 	}
 	runscID := runsc.PoolIDPrefix + name
 	var errs []error
@@ -1135,7 +1129,7 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 		}
 	}
 	if len(errs) == 0 {
-		if err := removeBundle(pdir, name); err != nil {
+		if err := bundle.Remove(pdir, name); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -1157,7 +1151,7 @@ func (b *Backend) removeOrphanPoolState(loc location, root, pdir *owned.Dir) err
 			continue
 		}
 		if d, err := root.OpenDir(name); err == nil {
-			if _, err := d.Lstat(fileSandboxConfig); err == nil {
+			if _, err := d.Lstat(bundle.SandboxSpec); err == nil {
 				dev, ino := d.Ident()
 				inUse[runsc.PoolID(loc.root, dev, ino)] = true
 			}

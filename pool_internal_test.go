@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"github.com/stretchr/testify/assert"
@@ -77,20 +79,18 @@ func TestPooledProcessFile(t *testing.T) {
 	for _, d := range []string{"rootfs", "rootfs/etc"} {
 		assert.NoError(t, mkdir(dir+"/"+d))
 	}
-	assert.NoError(t, os.WriteFile(dir+"/"+fileConfig, []byte("{}"), 0o644))
+	assert.NoError(t, os.WriteFile(dir+"/"+bundle.Config, []byte("{}"), 0o644))
 	c := b.newCell("x", b.locate())
 	cfg := shimConfig{CellID: "x", RunscID: e.runscID, Runsc: *c.runsc, Pool: true,
 		Flags: runsc.CellFlags{Log: c.paths.bundle + "/runsc.log", IgnoreCgroups: true, Overlay: "none"}}
 	cfg.Runsc.Rootless = false
 	assert.NoError(t, b.writePooledCell(e, doc, cfg))
 	var p map[string]any
-	assert.NoError(t, readJSON(dir+"/"+fileProcess, &p))
+	assert.NoError(t, readJSON(dir+"/"+bundle.Process, &p))
 	assert.Equal(t, map[string]any{"bounding": []any{}, "effective": []any{}, "inheritable": []any{}, "permitted": []any{}, "ambient": []any{}}, p["capabilities"])
 	assert.Equal(t, true, p["noNewPrivileges"])
 	assert.Equal(t, map[string]any{"uid": float64(65534), "gid": float64(65534)}, p["user"])
-	var marker bundleMarker
-	assert.NoError(t, readJSON(dir+"/"+fileMarker, &marker))
-	assert.Equal(t, "x", marker.CellID)
+	assert.True(t, bundle.HasMarker(e.d, "x"))
 	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--ignore-cgroups", "--overlay2=none",
 		"exec", "--process", "/b/process.json", "--internal-pid-file", "/b/workload.pid", e.runscID}, cfg.runscArgs("/b"))
 }

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"golang.org/x/sys/unix"
@@ -156,7 +158,7 @@ func startIdleSandbox(dir *owned.Dir, kr *keeperRequest) error {
 		err = cmd.Wait()
 	}
 	if err != nil {
-		if msg := runscFailure(dir, fileSandboxLog); msg != "" {
+		if msg := runscFailure(dir, bundle.SandboxLog); msg != "" {
 			return fmt.Errorf("starting the idle sandbox: %v: %s", err, msg)
 		}
 		return fmt.Errorf("starting the idle sandbox: %w", err)
@@ -171,16 +173,16 @@ func keepCell(dir *owned.Dir, kr *keeperRequest, req *shimRequest, a *answerer) 
 	if err == nil && (req.Dev != kr.Dev || req.Ino != kr.Ino || req.Config.RunscID != kr.RunscID || !req.Config.Pool) {
 		err = fmt.Errorf("the claim names another directory or sandbox (%s, %s)", req.Bundle, req.Config.RunscID)
 	}
-	var bundle *owned.Dir
+	var moved *owned.Dir
 	if err == nil {
-		bundle, err = owned.OpenIdent(req.Bundle, kr.Dev, kr.Ino)
+		moved, err = owned.OpenIdent(req.Bundle, kr.Dev, kr.Ino)
 	}
 	if err != nil {
 		releaseSandbox(&kr.Runsc, kr.RunscID)
 		return a.fail(err)
 	}
 	_ = dir.Close()
-	code := serve(bundle, &req.Config, a)
+	code := serve(moved, &req.Config, a)
 	if code != 0 {
 		releaseSandbox(&kr.Runsc, kr.RunscID) // nothing was started for the cell, or it has ended
 	}

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"go.uber.org/zap"
@@ -159,7 +161,7 @@ func (b *Backend) recoverCell(loc location, root *owned.Dir, id string, shims ma
 			release()
 			return false, false, nil
 		}
-		if !hasMarker(c.dir, id) {
+		if !bundle.HasMarker(c.dir, id) {
 			if names, err := c.dir.Entries(); err == nil && len(names) == 0 {
 				_ = c.dir.Close()
 				c.dir = nil
@@ -187,7 +189,7 @@ func (b *Backend) recoverCell(loc location, root *owned.Dir, id string, shims ma
 func (b *Backend) adopt(c *cell, shims map[proc.FileIdent]proc.Ident) bool {
 	dev, ino := c.dir.Ident()
 	pid, running := shims[proc.FileIdent{Dev: dev, Ino: ino}]
-	if _, err := c.dir.Lstat(fileExit); !running && err != nil {
+	if _, err := c.dir.Lstat(bundle.Exit); !running && err != nil {
 		return false
 	}
 	c.pid = pid

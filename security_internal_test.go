@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"github.com/stretchr/testify/assert"
@@ -43,7 +45,7 @@ func TestFakeDefaultLimits(t *testing.T) {
 			Options     []string `json:"options"`
 		} `json:"mounts"`
 	}
-	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), fileConfig), &cfg))
+	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), bundle.Config), &cfg))
 	assert.Equal(t, *h.CgroupPath, cfg.Linux.CgroupsPath)
 	assert.Equal(t, int64(256<<20), cfg.Linux.Resources.Memory.Limit)
 	assert.Equal(t, int64(50_000), cfg.Linux.Resources.CPU.Quota)
@@ -53,7 +55,7 @@ func TestFakeDefaultLimits(t *testing.T) {
 		}
 	}
 	var shim shimConfig
-	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), fileShim), &shim))
+	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), bundle.ShimConfig), &shim))
 	assert.Equal(t, int64(2), shim.TTLSeconds, "the default lifetime, rounded up to seconds")
 	_, err := e.wait("limits")
 	require.NoError(t, err)
@@ -69,7 +71,7 @@ func TestFakeDefaultLimits(t *testing.T) {
 	h = e.create(d)
 	assert.Equal(t, &cellos.ResourceSpec{MemoryBytes: 64 << 20}, d.Spec.Resources)
 	assert.Nil(t, d.Spec.Lifetime)
-	require.NoError(t, readJSON(filepath.Join(e.bundle("own"), fileConfig), &cfg))
+	require.NoError(t, readJSON(filepath.Join(e.bundle("own"), bundle.Config), &cfg))
 	assert.Equal(t, int64(64<<20), cfg.Linux.Resources.Memory.Limit)
 	assert.Equal(t, int64(50_000), cfg.Linux.Resources.CPU.Quota)
 	_, _ = e.wait("own")
@@ -131,7 +133,7 @@ func TestExitRecordOnFullFilesystem(t *testing.T) {
 	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k,mode=0700"))
 	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
 	d := ownedDir(t, dir)
-	require.NoError(t, reserveExit(d))
+	require.NoError(t, bundle.WriteFiles(d))
 	filler, err := os.Create(filepath.Join(dir, "filler"))
 	require.NoError(t, err)
 	_, err = filler.Write(make([]byte, 1<<20))
@@ -139,16 +141,16 @@ func TestExitRecordOnFullFilesystem(t *testing.T) {
 	require.NoError(t, filler.Close())
 	require.ErrorIs(t, d.WriteFile("other", []byte("x"), 0o644), unix.ENOSPC)
 
-	reserve, err := d.OpenFile(fileExitReserve, os.O_RDWR, 0)
+	reserve, err := d.OpenFile(bundle.ExitReserve, os.O_RDWR, 0)
 	require.NoError(t, err)
 	defer reserve.Close()
 	rec := &exitRecord{Status: cellos.ExitStatus{Code: 0, Reason: cellos.ExitExited}, Runsc: "exit 0", Error: strings.Repeat("e", 100)}
 	require.NoError(t, writeExit(d, reserve, rec))
 	var got exitRecord
-	require.NoError(t, readRecord(d, fileExit, &got))
+	require.NoError(t, bundle.ReadRecord(d, bundle.Exit, &got))
 	assert.Equal(t, rec.Status, got.Status)
 	assert.Equal(t, rec.Error, got.Error)
-	_, err = os.Stat(filepath.Join(dir, fileExitReserve))
+	_, err = os.Stat(filepath.Join(dir, bundle.ExitReserve))
 	assert.ErrorIs(t, err, os.ErrNotExist, "the reserved space became the record")
 }
 
@@ -247,16 +249,16 @@ func TestImageOverlayNosuidNodev(t *testing.T) {
 	image := t.TempDir()
 	require.NoError(t, os.WriteFile(filepath.Join(image, "f"), []byte("x"), 0o4755))
 	root := ownedDir(t, t.TempDir())
-	bundle, err := root.Mkdir("c", 0o700)
+	cell, err := root.Mkdir("c", 0o700)
 	require.NoError(t, err)
-	defer bundle.Close()
-	rootfs, err := bundle.Mkdir(dirRootfs, 0o755)
+	defer cell.Close()
+	rootfs, err := cell.Mkdir(bundle.Rootfs, 0o755)
 	require.NoError(t, err)
 	_ = rootfs.Close()
-	require.NoError(t, mountImage(bundle, image))
-	t.Cleanup(func() { assert.NoError(t, removeBundle(root, "c")) })
+	require.NoError(t, bundle.MountImage(cell, image))
+	t.Cleanup(func() { assert.NoError(t, bundle.Remove(root, "c")) })
 	var st unix.Statfs_t
-	require.NoError(t, unix.Statfs(filepath.Join(bundle.Path(), dirRootfs), &st))
+	require.NoError(t, unix.Statfs(filepath.Join(cell.Path(), bundle.Rootfs), &st))
 	assert.NotZero(t, st.Flags&unix.ST_NOSUID, "nosuid")
 	assert.NotZero(t, st.Flags&unix.ST_NODEV, "nodev")
 }

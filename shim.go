@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"golang.org/x/sys/unix"
@@ -159,10 +161,8 @@ type streamRecord struct {
 
 // Bounds of what the library reads back of a bundle's records and logs.
 const (
-	maxRecord   = 64 << 10
 	maxLogRead  = 1 << 20
-	exitReserve = 16 << 10 // bytes reserved at Create for the exit record (exitReserveFile)
-	maxErrorMsg = 4 << 10  // of runsc's messages kept in the exit record
+	maxErrorMsg = 4 << 10 // of runsc's messages kept in the exit record
 )
 
 // ignoreSignals makes the shim deaf to the signals of a terminal and of a closed pipe.
@@ -224,7 +224,7 @@ func shimMain() int {
 // enterBundle makes the bundle the shim's working directory — which is how the library
 // recognises a cell's shim — and its log the shim's stderr.
 func enterBundle(dir *owned.Dir) error {
-	logf, err := dir.OpenFile(fileShimLog, os.O_WRONLY|os.O_APPEND, 0)
+	logf, err := dir.OpenFile(bundle.ShimLog, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return fmt.Errorf("shim log: %w", err)
 	}
@@ -241,7 +241,7 @@ func enterBundle(dir *owned.Dir) error {
 
 // serve runs the cell and records its exit.
 func serve(dir *owned.Dir, cfg *shimConfig, a *answerer) int {
-	reserve, err := dir.OpenFile(fileExitReserve, os.O_RDWR, 0)
+	reserve, err := dir.OpenFile(bundle.ExitReserve, os.O_RDWR, 0)
 	if err != nil {
 		return a.fail(fmt.Errorf("the exit record's reserved space: %w", err))
 	}
@@ -266,8 +266,8 @@ func writeExit(dir *owned.Dir, reserve *os.File, rec *exitRecord) error {
 		return err
 	}
 	data = append(data, '\n')
-	if len(data) > exitReserve {
-		return dir.WriteAtomic(fileExit, data, 0o644)
+	if len(data) > bundle.ExitReserveSize {
+		return dir.WriteAtomic(bundle.Exit, data, 0o644)
 	}
 	if _, err := reserve.WriteAt(data, 0); err != nil {
 		return err
@@ -275,22 +275,17 @@ func writeExit(dir *owned.Dir, reserve *os.File, rec *exitRecord) error {
 	if err := reserve.Truncate(int64(len(data))); err != nil {
 		return err
 	}
-	return dir.Rename(fileExitReserve, dir, fileExit)
-}
-
-// reserveExit writes the placeholder the exit record will overwrite: real blocks, not a hole.
-func reserveExit(dir *owned.Dir) error {
-	return dir.WriteFile(fileExitReserve, make([]byte, exitReserve), 0o644)
+	return dir.Rename(bundle.ExitReserve, dir, bundle.Exit)
 }
 
 func runShim(dir *owned.Dir, cfg *shimConfig, started func()) (*exitRecord, error) {
-	bundle := dir.Path()
-	outFile, err := dir.OpenFile(fileStdout, os.O_WRONLY|os.O_APPEND, 0)
+	bpath := dir.Path()
+	outFile, err := dir.OpenFile(bundle.Stdout, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer outFile.Close()
-	errFile, err := dir.OpenFile(fileStderr, os.O_WRONLY|os.O_APPEND, 0)
+	errFile, err := dir.OpenFile(bundle.Stderr, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -307,12 +302,12 @@ func runShim(dir *owned.Dir, cfg *shimConfig, started func()) (*exitRecord, erro
 	if err != nil {
 		return nil, err
 	}
-	if err := writeRecord(dir, fileShimPid, self); err != nil { // for operators; the library finds shims in /proc
+	if err := bundle.WriteRecord(dir, bundle.ShimPid, self); err != nil { // for operators; the library finds shims in /proc
 		return nil, err
 	}
 
-	cmd := cfg.Runsc.Command(context.Background(), cfg.runscArgs(bundle)...)
-	cmd.Dir = bundle
+	cmd := cfg.Runsc.Command(context.Background(), cfg.runscArgs(bpath)...)
+	cmd.Dir = bpath
 	cmd.Stdout, cmd.Stderr = outW, errW
 	cmd.Env = shimChildEnv()
 	cmd.WaitDelay = 0
@@ -365,14 +360,14 @@ func runShim(dir *owned.Dir, cfg *shimConfig, started func()) (*exitRecord, erro
 // runscArgs is the argv (without the binary) of the runsc process the shim waits on: `run`,
 // `restore` for a cell restored from a checkpoint, or `exec` of the workload for a cell in a
 // warm-pool sandbox.
-func (cfg *shimConfig) runscArgs(bundle string) []string {
+func (cfg *shimConfig) runscArgs(bpath string) []string {
 	switch {
 	case cfg.RestoreImage != "":
-		return cfg.Runsc.RestoreArgs(cfg.Flags, bundle, cfg.RunscID, cfg.RestoreImage)
+		return cfg.Runsc.RestoreArgs(cfg.Flags, bpath, cfg.RunscID, cfg.RestoreImage)
 	case cfg.Pool:
-		return cfg.Runsc.ExecArgs(cfg.Flags, cfg.RunscID, filepath.Join(bundle, fileProcess), filepath.Join(bundle, fileWorkloadPid))
+		return cfg.Runsc.ExecArgs(cfg.Flags, cfg.RunscID, filepath.Join(bpath, bundle.Process), filepath.Join(bpath, bundle.WorkloadPid))
 	}
-	return cfg.Runsc.RunArgs(cfg.Flags, bundle, cfg.RunscID)
+	return cfg.Runsc.RunArgs(cfg.Flags, bpath, cfg.RunscID)
 }
 
 // killExpired ends a cell whose lifetime is over: SIGKILL through runsc, then, if runsc run has
@@ -434,7 +429,7 @@ func interpret(rec *exitRecord, cfg *shimConfig, dir *owned.Dir, ps *os.ProcessS
 		}
 	}
 	if code == 128 {
-		if msg := runscFailure(dir, fileRunscLog); msg != "" {
+		if msg := runscFailure(dir, bundle.RunscLog); msg != "" {
 			rec.Error = runsc.Clip(msg, maxErrorMsg)
 			return
 		}
@@ -536,28 +531,4 @@ type pidRecord = proc.Ident
 func processStart(pid int) (uint64, error) {
 	st, err := proc.ReadStat(pid)
 	return st.Start, err
-}
-
-// writeRecord writes a record the library keeps in a bundle, atomically.
-func writeRecord(dir *owned.Dir, name string, v any) error {
-	data, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	return dir.WriteAtomic(name, append(data, '\n'), 0o644)
-}
-
-// readRecord reads a record of the bundle: a regular file of the library's (owned by its euid),
-// bounded in size, decoded strictly.
-func readRecord(dir *owned.Dir, name string, v any) error {
-	data, err := dir.ReadFile(name, maxRecord)
-	if err != nil {
-		return err
-	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%s: %w", filepath.Join(dir.Path(), name), err)
-	}
-	return nil
 }

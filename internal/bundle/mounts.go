@@ -1,7 +1,6 @@
-package gvisor
+package bundle
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,16 +9,17 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/internal/owned"
 )
 
-// mountImage makes <bundle>/rootfs an overlay of the image directory with an upper layer on a
+// MountImage makes <bundle>/rootfs an overlay of the image directory with an upper layer on a
 // small tmpfs of the bundle's own. runsc creates mount points inside the root it is given, even a
 // read-only one; they land in the upper layer, never in the image.
-func mountImage(dir *owned.Dir, image string) error {
-	ov, err := dir.Mkdir(dirOverlay, 0o700)
+func MountImage(dir *owned.Dir, image string) error {
+	ov, err := dir.Mkdir(Overlay, 0o700)
 	if err != nil {
 		return err
 	}
@@ -38,7 +38,7 @@ func mountImage(dir *owned.Dir, image string) error {
 	}
 	opts := "lowerdir=" + image + ",upperdir=" + upper + ",workdir=" + work
 	// nosuid and nodev: a setuid binary or a device node in the image means nothing on the host.
-	if err := unix.Mount("overlay", filepath.Join(dir.Path(), dirRootfs), "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
+	if err := unix.Mount("overlay", filepath.Join(dir.Path(), Rootfs), "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
 		return fmt.Errorf("mounting the image %s as an overlay: %w", image, err)
 	}
 	return nil
@@ -46,40 +46,23 @@ func mountImage(dir *owned.Dir, image string) error {
 
 // mountsUnder lists the mount points at or below dir in this mount namespace, deepest first.
 func mountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMount(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
+	out := make([]string, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, m.Mountpoint)
 	}
 	slices.SortFunc(out, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
-	return out, sc.Err()
+	return out, nil
 }
 
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
-}
-
-// removeBundle deletes the bundle directory name of the bundle root after unmounting whatever
-// is mounted inside it (an image's overlay, the control namespace); it refuses to delete while a
+// Remove deletes the bundle directory name of the bundle root after unmounting whatever is
+// mounted inside it (an image's overlay, the control namespace); it refuses to delete while a
 // mount remains, since that would delete the image behind it. An entry that is not a directory
 // is removed without being followed.
-func removeBundle(root *owned.Dir, name string) error {
+func Remove(root *owned.Dir, name string) error {
 	st, err := root.Lstat(name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
