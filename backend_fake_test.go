@@ -151,7 +151,7 @@ func (e *fakeEnv) destroy(id string) cellos.TeardownReport {
 }
 
 func (e *fakeEnv) bundle(id string) string { return filepath.Join(e.root, id) }
-func (e *fakeEnv) state() string          { return filepath.Join(e.root, ".runsc") }
+func (e *fakeEnv) state() string           { return filepath.Join(e.root, ".runsc") }
 func (e *fakeEnv) runscID(id string) string {
 	return RunscID(e.root, id)
 }

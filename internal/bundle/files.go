@@ -34,11 +34,11 @@ const (
 	ControlNetns = "control.netns" // the cell's control network namespace (runsc.Runsc.NetNS)
 	Net          = "net.json"      // a cell with egress rules: its network, for display
 	Checkpoint   = "checkpoint.json"
-	Paused       = "paused"         // present while Pause holds the cell
-	SandboxSpec  = "sandbox.json"   // a pooled cell: the config its sandbox was started with
-	SandboxLog   = "sandbox.log"    // runsc's log of a pool sandbox itself
-	Process      = "process.json"   // a pooled cell's workload, for runsc exec --process
-	WorkloadPid  = "workload.pid"   // the pooled workload's pid inside the sandbox
+	Paused       = "paused"       // present while Pause holds the cell
+	SandboxSpec  = "sandbox.json" // a pooled cell: the config its sandbox was started with
+	SandboxLog   = "sandbox.log"  // runsc's log of a pool sandbox itself
+	Process      = "process.json" // a pooled cell's workload, for runsc exec --process
+	WorkloadPid  = "workload.pid" // the pooled workload's pid inside the sandbox
 )
 
 // ExitReserveSize is the space reserved for the exit record: it is overwritten in place, so that
