@@ -1,11 +1,9 @@
 package gvisor
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -14,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
@@ -45,7 +45,7 @@ type Backend struct {
 	netProbes netProbes      // which runsc binaries can run cells with sandbox networking (network.go)
 	wg        sync.WaitGroup // the goroutines the Backend started; Close waits for them
 	pool      *warmPool      // WithWarmPool's idle sandboxes (pool.go); nil without
-	spares    spares         // the shim started ahead of the next Create (spare.go)
+	spares    *shim.Spares   // the shim started ahead of the next Create
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -80,7 +80,7 @@ func New(opts ...Option) (*Backend, error) {
 			zap.Int64("defaultMemoryBytes", o.defaults.MemoryBytes), zap.Int64("defaultCpuMillis", o.defaults.CPUMillis))
 		b.opts.defaults.MemoryBytes, b.opts.defaults.CPUMillis = 0, 0
 	}
-	b.spares.disabled = o.noSpare
+	b.spares = shim.NewSpares(o.noSpare)
 	b.pool = newWarmPool(b, o.warmPool) // starts filling in the background
 	return b, nil
 }
@@ -406,7 +406,7 @@ func (b *Backend) create(ctx context.Context, c *cell, doc *cellos.ExecutionCell
 	if c.runsc.NoOverlay2 {
 		flags.Overlay = "" // writable roots were refused (useRuntime)
 	}
-	cfg := shimConfig{CellID: s.ID, RunscID: p.runscID, Runsc: *c.runsc, Flags: flags,
+	cfg := shim.Config{CellID: s.ID, RunscID: p.runscID, Runsc: *c.runsc, Flags: flags,
 		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, MemoryCgroup: c.memory, RestoreImage: image}
 	if err := b.startShim(ctx, c, dir, cfg); err != nil {
 		return err
@@ -465,7 +465,7 @@ func (b *Backend) writeBundle(c *cell, dir *owned.Dir, doc *cellos.ExecutionCell
 
 // startShim hands the cell to a shim — the spare, or one started now — and waits until it has
 // started runsc (or failed to).
-func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg shimConfig) error {
+func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg shim.Config) error {
 	id := c.id
 	if err := bundle.WriteRecord(dir, bundle.ShimConfig, cfg); err != nil { // for operators; never read back
 		return cellos.Errorf("create", id, cellos.ErrHost, "writing the shim record: %w", err)
@@ -474,26 +474,29 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 		return cellos.NewError("create", id, cellos.ErrHost, err)
 	}
 	dev, ino := dir.Ident()
-	req := shimRequest{Protocol: shimProtocol, Bundle: dir.Path(), Dev: dev, Ino: ino, Config: cfg}
+	req := shim.Request{Protocol: shim.Protocol, Bundle: dir.Path(), Dev: dev, Ino: ino, Config: cfg}
 	for {
 		s, spare, err := b.shimProcess()
 		if err != nil {
 			return cellos.Errorf("create", id, cellos.ErrHost, "starting the shim: %w", err)
 		}
-		c.shim, c.pid = s, s.ident
-		err = s.send(req)
-		_ = s.requests.Close()
+		c.shim, c.pid = s, s.Ident
+		err = s.Send(req)
+		_ = s.Requests.Close()
 		if err != nil {
-			_ = s.answers.Close()
-			<-s.exited
+			_ = s.Answers.Close()
+			<-s.Exited
 			c.shim, c.pid = nil, pidRecord{}
 			if spare {
 				continue // it was gone (killed from outside) before it read anything
 			}
 			return cellos.Errorf("create", id, cellos.ErrHost, "the shim exited before it read its request: %w", err)
 		}
-		msg, err := awaitReady(ctx, s.answers)
-		_ = s.answers.Close()
+		msg, err := s.Answer(ctx, 0)
+		_ = s.Answers.Close()
+		if errors.Is(err, shim.ErrNoAnswer) {
+			msg, err = "", nil
+		}
 		if err != nil {
 			return cellos.NewError("create", id, cellos.ErrHost, fmt.Errorf("waiting for runsc to start: %w", err))
 		}
@@ -504,7 +507,7 @@ func (b *Backend) startShim(ctx context.Context, c *cell, dir *owned.Dir, cfg sh
 		case spare && !startedRunsc(dir):
 			// The spare died (killed from outside) before it did anything for the cell: the
 			// request went into its pipe as it was dying.
-			<-s.exited
+			<-s.Exited
 			c.shim, c.pid = nil, pidRecord{}
 			continue
 		default:
@@ -523,29 +526,12 @@ func startedRunsc(dir *owned.Dir) bool {
 }
 
 // shimProcess returns the spare shim, or a shim started now; spare tells which.
-func (b *Backend) shimProcess() (s *shimProc, spare bool, err error) {
-	if s := b.spares.take(); s != nil {
+func (b *Backend) shimProcess() (s *shim.Proc, spare bool, err error) {
+	if s := b.spares.Take(); s != nil {
 		return s, true, nil
 	}
-	s, err = startShimProc(shimArgv0)
+	s, err = shim.Start(shim.Argv0)
 	return s, false, err
-}
-
-// awaitReady reads the shim's one-line answer: "ok" once runsc runs, "error: ..." or nothing
-// (it exited).
-func awaitReady(ctx context.Context, r *os.File) (string, error) {
-	line := make(chan string, 1)
-	go func() {
-		s, _ := bufio.NewReader(io.LimitReader(r, 64<<10)).ReadString('\n')
-		line <- strings.TrimSpace(s)
-	}()
-	select {
-	case msg := <-line:
-		return msg, nil
-	case <-ctx.Done():
-		_ = r.Close()
-		return "", ctx.Err()
-	}
 }
 
 // startWatching follows the output (WithOutput) and waits for the shim in the background.
@@ -587,7 +573,7 @@ var destroyedStatus = cellos.ExitStatus{Code: 128 + int(syscall.SIGKILL), Signal
 
 // awaitShim blocks until the cell's shim has exited (and reaps it when it is our child).
 func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
-	if h, err := openShim(c.pid, c.dir); err == nil {
+	if h, err := shim.Open(c.pid, c.dir); err == nil {
 		err = h.Wait(ctx)
 		_ = h.Close()
 		if err != nil {
@@ -595,19 +581,19 @@ func (b *Backend) awaitShim(ctx context.Context, c *cell) error {
 		}
 	}
 	if c.shim != nil {
-		<-c.shim.exited
+		<-c.shim.Exited
 	}
 	return nil
 }
 
 // readExit reads the exit record the shim left.
 func (b *Backend) readExit(c *cell) (cellos.ExitStatus, error) {
-	var rec exitRecord
+	var rec shim.ExitRecord
 	if err := bundle.ReadRecord(c.dir, bundle.Exit, &rec); err != nil {
 		return cellos.ExitStatus{}, cellos.Errorf("wait", c.id, cellos.ErrHost,
 			"the cell's shim ended without recording an exit status (%v); shim log: %s", err, bundle.Tail(c.dir, bundle.ShimLog))
 	}
-	for name, st := range map[string]streamRecord{"stdout": rec.Stdout, "stderr": rec.Stderr} {
+	for name, st := range map[string]shim.StreamRecord{"stdout": rec.Stdout, "stderr": rec.Stderr} {
 		if st.Truncated {
 			b.log.Warn("cell output reached its cap and was truncated", zap.String("cell", c.id),
 				zap.String("stream", name), zap.Int64("kept", st.Bytes), zap.Int64("dropped", st.Dropped))
@@ -735,16 +721,16 @@ func (b *Backend) teardown(c *cell) error {
 				return fmt.Errorf("bundle %s: %w", p.bundle, err)
 			}
 		}
-		pid, _ = findShim(dir)
+		pid, _ = shim.Find(dir)
 	}
 	p = c.paths // openBundle may have found a warm-pool sandbox's runsc id
-	shim, _ := openShim(pid, dir)
-	if shim != nil {
-		defer shim.Close()
+	h, _ := shim.Open(pid, dir)
+	if h != nil {
+		defer h.Close()
 		// SIGKILL through runsc: `runsc run` then exits and removes its container itself, in
 		// ~70 ms. A forced delete of a running container contends with runsc run's own cleanup
 		// and takes seconds; it is the fallback.
-		if err := b.stop(c, shim, pid); err != nil {
+		if err := b.stop(c, h, pid); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -755,7 +741,7 @@ func (b *Backend) teardown(c *cell) error {
 			errs = append(errs, errors.New("the cell's watcher did not finish"))
 		}
 	}
-	if shim == nil && !c.runscFailed && len(c.runsc.StateFiles(p.runscID)) > 0 {
+	if h == nil && !c.runscFailed && len(c.runsc.StateFiles(p.runscID)) > 0 {
 		b.stopOrphaned(c) // the shim was killed; runsc may live on (orphan.go)
 	}
 	if left := c.runsc.StateFiles(p.runscID); len(left) > 0 {
@@ -793,10 +779,10 @@ func (b *Backend) teardown(c *cell) error {
 
 // stop ends a running cell: SIGKILL through runsc and a wait for the shim; failing that, a forced
 // delete; failing that, SIGKILL to the shim and the processes below it.
-func (b *Backend) stop(c *cell, shim *proc.Handle, pid pidRecord) error {
+func (b *Backend) stop(c *cell, h *proc.Handle, pid pidRecord) error {
 	c.killSent.Store(true)
 	if c.runsc.Path != "" {
-		resumePaused(c.runsc, c.paths.runscID, c.dir) // a paused sandbox does not take SIGKILL
+		shim.ResumePaused(c.runsc, c.paths.runscID, c.dir) // a paused sandbox does not take SIGKILL
 		// A cell created a moment ago may not have its container yet ("loading container: file
 		// does not exist"): retry until the kill lands or the shim is gone.
 		deadline := time.Now().Add(killGrace)
@@ -805,12 +791,12 @@ func (b *Backend) stop(c *cell, shim *proc.Handle, pid pidRecord) error {
 			err := c.runsc.Kill(ctx, c.paths.runscID, "KILL")
 			cancel()
 			if err == nil {
-				if waitFor(shim, time.Until(deadline)) {
+				if waitFor(h, time.Until(deadline)) {
 					return nil
 				}
 				break
 			}
-			if waitFor(shim, delay) {
+			if waitFor(h, delay) {
 				return nil
 			}
 		}
@@ -824,11 +810,11 @@ func (b *Backend) stop(c *cell, shim *proc.Handle, pid pidRecord) error {
 	// A delete runsc answered with an error (on a loaded host Debian's gives up stopping the
 	// sandbox after its own deadline) is tried again by teardown once the shim is gone, and
 	// reported only if that fails too.
-	if deleted != nil || !waitFor(shim, shimExitGrace) {
+	if deleted != nil || !waitFor(h, shimExitGrace) {
 		if err := proc.KillTree(pid); err != nil && !errors.Is(err, os.ErrProcessDone) {
 			errs = append(errs, fmt.Errorf("killing the shim (pid %d): %w", pid.Pid, err))
 		}
-		if !waitFor(shim, shimExitGrace) {
+		if !waitFor(h, shimExitGrace) {
 			errs = append(errs, fmt.Errorf("the shim (pid %d) did not exit after SIGKILL", pid.Pid))
 		}
 	}
@@ -856,8 +842,8 @@ func (b *Backend) undoCreate(c *cell, root *owned.Dir, wantsCg bool) error {
 	var errs []error
 	if c.shim != nil {
 		_ = proc.KillTree(c.pid)
-		_ = c.shim.cmd.Process.Kill() // through its pidfd
-		<-c.shim.exited
+		_ = c.shim.Cmd.Process.Kill() // through its pidfd
+		<-c.shim.Exited
 	}
 	if len(c.runsc.StateFiles(c.paths.runscID)) > 0 {
 		if err := b.forceDelete(c); err != nil {

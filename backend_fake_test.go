@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
+
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/stretchr/testify/require"
@@ -298,7 +300,7 @@ func (e *fakeEnv) leftovers() []string {
 		switch {
 		case bytes.Contains(append([]byte{0}, environ...), marker):
 			left = append(left, desc)
-		case bytes.HasPrefix(cmdline, []byte(shimArgv0+"\x00")) && bytes.Contains(cmdline, []byte(e.dir)):
+		case bytes.HasPrefix(cmdline, []byte(shim.Argv0+"\x00")) && bytes.Contains(cmdline, []byte(e.dir)):
 			left = append(left, desc)
 		default:
 			if st, ok := fakeStat(pid); ok && st.ppid == self && st.state == "Z" {
@@ -500,7 +502,7 @@ func TestFakeExitCodes(t *testing.T) {
 			st, err = e.wait(id)
 			require.NoError(t, err)
 			require.Equal(t, tc.want, st, "a later waiter gets the same status")
-			var rec exitRecord
+			var rec shim.ExitRecord
 			require.NoError(t, readJSON(filepath.Join(e.bundle(id), bundle.Exit), &rec))
 			require.Equal(t, tc.want, rec.Status, "exit.json records the status durably")
 			require.Equal(t, "exit "+strconv.Itoa(tc.code), rec.Runsc)
@@ -592,6 +594,7 @@ func TestFakeRunscCannotStart(t *testing.T) {
 	_, err = e.wait(id)
 	require.ErrorIs(t, err, cellos.ErrNotTracked)
 	require.Len(t, e.calls("run"), 1, "only the first cell ran")
+	require.NoError(t, e.b.Close(context.Background())) // the spare shim a live Backend keeps is no leftover
 	require.Empty(t, e.leftovers())
 }
 
@@ -978,10 +981,10 @@ func TestFakeOutputCap(t *testing.T) {
 	require.Equal(t, want, e.out(id).stdout.String())
 	require.Equal(t, "small\n", e.out(id).stderr.String())
 
-	var rec exitRecord
+	var rec shim.ExitRecord
 	require.NoError(t, readJSON(filepath.Join(e.bundle(id), bundle.Exit), &rec))
-	require.Equal(t, streamRecord{Bytes: 1000, Dropped: 4000, Truncated: true}, rec.Stdout)
-	require.Equal(t, streamRecord{Bytes: 6}, rec.Stderr)
+	require.Equal(t, shim.StreamRecord{Bytes: 1000, Dropped: 4000, Truncated: true}, rec.Stdout)
+	require.Equal(t, shim.StreamRecord{Bytes: 6}, rec.Stderr)
 	shimLog, err := os.ReadFile(filepath.Join(e.bundle(id), bundle.ShimLog))
 	require.NoError(t, err)
 	require.Contains(t, string(shimLog), "stdout reached its cap of 1000 bytes")

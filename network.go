@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
+
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
@@ -599,7 +601,7 @@ func trialRun(ctx context.Context, r runsc.Runsc, host []HostEntry, dir, ns, net
 	if !errors.As(runErr, &ee) {
 		return false, "", fmt.Errorf("running runsc %s: %w", r.Path, runErr)
 	}
-	msg := runscFailure(top, "runsc-"+network+".log")
+	msg := shim.RunscFailure(top, "runsc-"+network+".log")
 	if msg == "" {
 		msg = strings.TrimSpace(out.String())
 	}

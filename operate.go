@@ -17,13 +17,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
+
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 	"github.com/cellos/cellos-host-gvisor/internal/owned"
@@ -54,58 +55,12 @@ var (
 // Destroy and the shim's lifetime limit resume it before killing it: a paused sandbox does not
 // take SIGKILL (Debian's runsc refuses to signal it; a forced delete panics).
 
-// checkpointImage is the file runsc writes into a checkpoint's image directory.
-const checkpointImage = "checkpoint.img"
-
 // Bounds on the operations' own waits.
 const (
 	startTimeout     = 15 * time.Second // for a just-created cell's container to come up
 	exitPublishGrace = 5 * time.Second  // for a stopped cell's shim to record its exit (it drains output for up to 3 s)
 	execWaitDelay    = 2 * time.Second  // for the exec's output pipes after runsc exec exited
 )
-
-// checkpointRecord is <bundle>/checkpoint.json.
-type checkpointRecord struct {
-	Image string    `json:"image"`
-	At    time.Time `json:"at"`
-}
-
-// checkpointedTo returns the image directory of the checkpoint recorded in the bundle, or "".
-func checkpointedTo(dir *owned.Dir) string {
-	var rec checkpointRecord
-	if dir == nil || bundle.ReadRecord(dir, bundle.Checkpoint, &rec) != nil || !filepath.IsAbs(rec.Image) {
-		return ""
-	}
-	return filepath.Clean(rec.Image)
-}
-
-// checkpointWritten reports whether image holds a checkpoint runsc wrote: a cell that exited
-// while its checkpoint was being taken leaves none.
-func checkpointWritten(image string) bool {
-	d, err := owned.Open(image)
-	if err != nil {
-		return false
-	}
-	defer d.Close()
-	st, err := d.Lstat(checkpointImage)
-	return err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Size > 0
-}
-
-// resumePaused resumes a cell that Pause left paused (see bundle.Paused). Destroy and the shim's
-// lifetime limit call it before they send SIGKILL.
-func resumePaused(r *runsc.Runsc, runscID string, dir *owned.Dir) {
-	if dir == nil || r.Path == "" {
-		return
-	}
-	if _, err := dir.Lstat(bundle.Paused); err != nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), runscTimeout)
-	defer cancel()
-	if r.Resume(ctx, runscID) == nil {
-		_ = dir.Remove(bundle.Paused)
-	}
-}
 
 // live returns the tracked, running cell id, or the operation's error.
 func (b *Backend) live(ctx context.Context, op, id string) (*cell, error) {
@@ -296,7 +251,7 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	}
 	code := ws.ExitStatus()
 	if code == 128 {
-		if msg := runscFailure(edir, "runsc.log"); msg != "" {
+		if msg := shim.RunscFailure(edir, "runsc.log"); msg != "" {
 			return cellos.ExitStatus{}, b.failed(op, c, fmt.Errorf("runsc exec: %s", msg))
 		}
 	}
@@ -309,7 +264,7 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 				zap.String("stream", w.name), zap.Int64("cap", b.opts.outputCap), zap.Int64("dropped", w.dropped))
 		}
 	}
-	return classify(code), nil
+	return shim.Classify(code), nil
 }
 
 // execFlags are the global runsc flags of an Exec into c: the ones it was started with, as the
@@ -602,7 +557,7 @@ func (b *Backend) Checkpoint(ctx context.Context, cellID, imageDir string) error
 		return cellos.Errorf(op, cellID, cellos.ErrHost, "image directory: %w", err)
 	}
 	defer imgDir.Close()
-	if err := bundle.WriteRecord(c.dir, bundle.Checkpoint, checkpointRecord{Image: image, At: time.Now().UTC()}); err != nil {
+	if err := bundle.WriteRecord(c.dir, bundle.Checkpoint, shim.CheckpointRecord{Image: image, At: time.Now().UTC()}); err != nil {
 		return cellos.NewError(op, cellID, cellos.ErrHost, err)
 	}
 	start := time.Now()
@@ -687,8 +642,8 @@ func (b *Backend) Restore(ctx context.Context, doc *cellos.ExecutionCellDocument
 	if err != nil {
 		return cellos.CellHandle{}, cellos.NewError(op, id, cellos.ErrInvalidSpec, err)
 	}
-	if !checkpointWritten(image) {
-		return cellos.CellHandle{}, cellos.Errorf(op, id, cellos.ErrInvalidSpec, "%s holds no checkpoint (%s) in a directory of the library's", image, checkpointImage)
+	if !shim.CheckpointWritten(image) {
+		return cellos.CellHandle{}, cellos.Errorf(op, id, cellos.ErrInvalidSpec, "%s holds no checkpoint (%s) in a directory of the library's", image, shim.CheckpointImage)
 	}
 	return b.launch(ctx, op, doc, image)
 }
@@ -745,7 +700,7 @@ func (b *Backend) Attach(ctx context.Context, cellID string) (cellos.CellHandle,
 		close(c.ready)
 		return cellos.CellHandle{}, relabel(err, op)
 	}
-	if !b.adopt(c, findShims()) {
+	if !b.adopt(c, shim.FindAll()) {
 		_ = c.dir.Close()
 		return notTracked(errors.New("no shim serves it and it recorded no exit"))
 	}
@@ -783,7 +738,7 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 	if err != nil {
 		return nil, cellos.NewError(op, "", cellos.ErrHost, err)
 	}
-	shims := findShims()
+	shims := shim.FindAll()
 	var out []CellInfo
 	for _, id := range names {
 		if strings.HasPrefix(id, ".") || !cellos.ValidID(id) {
@@ -804,7 +759,7 @@ func (b *Backend) List(ctx context.Context) ([]CellInfo, error) {
 		if c := b.cells.get(id); c != nil && c.created {
 			info.Tracked = true
 		}
-		var rec exitRecord
+		var rec shim.ExitRecord
 		dev, ino := dir.Ident()
 		_, running := shims[proc.FileIdent{Dev: dev, Ino: ino}]
 		switch {

@@ -88,16 +88,6 @@ func TestOperateRunscArgv(t *testing.T) {
 		r.ExecArgs(flags, id, "/b/exec-1/process.json", "/b/exec-1/pid"))
 }
 
-func TestOperateShimArgv(t *testing.T) {
-	cfg := shimConfig{RunscID: "cellos-x", Runsc: runsc.Runsc{Path: "/usr/bin/runsc", Root: "/state", Rootless: true},
-		Flags: runsc.CellFlags{Log: "/b/c/runsc.log", Overlay: "none"}}
-	assert.Equal(t, strings.Fields("--root /state --log /b/c/runsc.log --log-format=json --rootless --network=none --overlay2=none run --bundle /b/c cellos-x"),
-		cfg.runscArgs("/b/c"))
-	cfg.RestoreImage = "/images/one"
-	assert.Equal(t, strings.Fields("--root /state --log /b/c/runsc.log --log-format=json --rootless --network=none --overlay2=none restore --image-path /images/one --bundle /b/c cellos-x"),
-		cfg.runscArgs("/b/c"))
-}
-
 func TestOperateExecProcess(t *testing.T) {
 	cell := &specs.Process{
 		User: specs.User{UID: 65534, GID: 65534},

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"maps"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
@@ -166,7 +167,7 @@ type warmEntry struct {
 	limits             cgroups.Limits // its cgroups' (the Backend's default limits); zero: none
 
 	d      *owned.Dir    // the entry's directory
-	keeper *shimProc     // nil until started
+	keeper *shim.Proc    // nil until started
 	exited chan struct{} // closed once the keeper has exited and been reaped
 }
 
@@ -577,14 +578,14 @@ func (p *warmPool) prepare(e *warmEntry, idle *cellos.ExecutionCellDocument) err
 
 // startKeeper starts the entry's keeper and waits until its sandbox runs.
 func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
-	k, err := startShimProc(keeperArgv0)
+	k, err := shim.Start(shim.KeeperArgv0)
 	if err != nil {
 		close(e.exited)
 		return fmt.Errorf("starting a pool keeper: %w", err)
 	}
 	e.keeper = k
 	go func() {
-		<-k.exited
+		<-k.Exited
 		close(e.exited)
 		p.keeperExited(e)
 	}()
@@ -593,8 +594,8 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 	if r.NetNS != "" {
 		r.NetNS = bundle.ControlNetns // the keeper works in its directory, wherever it is moved
 	}
-	req := keeperRequest{Protocol: shimProtocol, Dir: e.dir, Dev: dev, Ino: ino, RunscID: e.runscID, Runsc: r, Flags: e.flags}
-	if err := k.send(req); err != nil {
+	req := shim.KeeperRequest{Protocol: shim.Protocol, Dir: e.dir, Dev: dev, Ino: ino, RunscID: e.runscID, Runsc: r, Flags: e.flags}
+	if err := k.Send(req); err != nil {
 		return fmt.Errorf("starting a pool keeper: %w", err)
 	}
 	line, err := e.reply(ctx, poolStartTimeout)
@@ -607,33 +608,13 @@ func (p *warmPool) startKeeper(ctx context.Context, e *warmEntry) error {
 	return nil
 }
 
-// reply reads the keeper's next line, within ctx and timeout.
+// reply reads the keeper's next answer, within ctx and timeout.
 func (e *warmEntry) reply(ctx context.Context, timeout time.Duration) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	f := e.keeper.answers
-	if err := f.SetReadDeadline(time.Time{}); err != nil {
-		return "", err
+	line, err := e.keeper.Answer(ctx, timeout)
+	if errors.Is(err, shim.ErrNoAnswer) {
+		return "", errors.New("the pool keeper exited without an answer")
 	}
-	fired := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		_ = f.SetReadDeadline(time.Unix(1, 0))
-		close(fired)
-	})
-	line, err := e.keeper.rd.ReadString('\n')
-	if !stop() {
-		<-fired
-	}
-	if err != nil {
-		if ctx.Err() != nil {
-			return "", ctx.Err()
-		}
-		if errors.Is(err, io.EOF) {
-			return "", errors.New("the pool keeper exited without an answer")
-		}
-		return "", err
-	}
-	return strings.TrimSpace(line), nil
+	return line, err
 }
 
 // discard removes an entry that is not a cell's: its keeper deletes its sandbox when its request
@@ -642,18 +623,18 @@ func (e *warmEntry) reply(ctx context.Context, timeout time.Duration) (string, e
 func (p *warmPool) discard(e *warmEntry) error {
 	var errs []error
 	if k := e.keeper; k != nil {
-		_ = k.requests.Close()
+		_ = k.Requests.Close()
 		select {
 		case <-e.exited:
 		case <-time.After(keeperStopTimeout):
-			_ = k.cmd.Process.Kill() // through its pidfd: never another process
+			_ = k.Cmd.Process.Kill() // through its pidfd: never another process
 			select {
 			case <-e.exited:
 			case <-time.After(shimExitGrace):
-				errs = append(errs, fmt.Errorf("the pool keeper (pid %d) did not exit", k.cmd.Process.Pid))
+				errs = append(errs, fmt.Errorf("the pool keeper (pid %d) did not exit", k.Cmd.Process.Pid))
 			}
 		}
-		_ = k.answers.Close()
+		_ = k.Answers.Close()
 	}
 	if err := removeSandbox(&e.runsc, e.runscID); err != nil {
 		errs = append(errs, err)
@@ -726,7 +707,7 @@ func removeSandbox(r *runsc.Runsc, id string) error {
 // for the idle sandboxes to go; what is left then is named in the error (ErrHost), and Recover
 // removes it. Close is idempotent and safe for concurrent use.
 func (b *Backend) Close(ctx context.Context) error {
-	b.closeSpare()
+	b.spares.Close()
 	if err := b.awaitBackground(ctx); err != nil {
 		return err
 	}
@@ -755,7 +736,7 @@ func (b *Backend) Close(ctx context.Context) error {
 	errs := make([]error, len(idle))
 	var wg sync.WaitGroup
 	for _, e := range idle {
-		_ = e.keeper.requests.Close() // every keeper deletes its sandbox at once
+		_ = e.keeper.Requests.Close() // every keeper deletes its sandbox at once
 	}
 	for i, e := range idle {
 		wg.Add(1)
@@ -868,7 +849,7 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 		return true, fail(cellos.ErrHost, "%w", err)
 	}
 	defer pdir.Close()
-	cfg := shimConfig{CellID: s.ID, RunscID: e.runscID, Runsc: *c.runsc,
+	cfg := shim.Config{CellID: s.ID, RunscID: e.runscID, Runsc: *c.runsc,
 		Flags:      runsc.CellFlags{Log: filepath.Join(bpath, bundle.RunscLog), IgnoreCgroups: e.flags.IgnoreCgroups, Overlay: e.flags.Overlay},
 		TTLSeconds: s.TTLSeconds(), OutputCap: b.opts.outputCap, Pool: true}
 	cfg.Runsc.NetNS = "" // set below, once the directory is the bundle
@@ -893,7 +874,7 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 		// Someone moved it meanwhile: it is not the cell's, and nothing is sent to the keeper.
 		return false, fail(cellos.ErrHost, "the bundle after the move: %w", err)
 	}
-	c.paths.runscID, c.pid = e.runscID, e.keeper.ident
+	c.paths.runscID, c.pid = e.runscID, e.keeper.Ident
 	if e.runsc.NetNS != "" {
 		c.runsc.NetNS = filepath.Join(bpath, bundle.ControlNetns)
 		cfg.Runsc.NetNS = c.runsc.NetNS
@@ -902,19 +883,19 @@ func (b *Backend) claim(ctx context.Context, c *cell, doc *cellos.ExecutionCellD
 		cgPath := cgroups.Path(e.runscID)
 		c.handle.CgroupPath, c.memory = &cgPath, cfg.MemoryCgroup
 	}
-	err = e.keeper.send(shimRequest{Protocol: shimProtocol, Bundle: bpath, Dev: dev, Ino: ino, Config: cfg})
-	_ = e.keeper.requests.Close()
+	err = e.keeper.Send(shim.Request{Protocol: shim.Protocol, Bundle: bpath, Dev: dev, Ino: ino, Config: cfg})
+	_ = e.keeper.Requests.Close()
 	line := ""
 	if err == nil {
 		line, err = e.reply(ctx, poolClaimTimeout)
 	}
-	_ = e.keeper.answers.Close()
+	_ = e.keeper.Answers.Close()
 	if err == nil && line != "ok" {
 		err = errors.New(strings.TrimPrefix(line, "error: "))
 	}
 	if err != nil {
 		err = fail(cellos.ErrHost, "starting the cell in a pool sandbox: %w", err)
-		_ = e.keeper.cmd.Process.Kill()
+		_ = e.keeper.Cmd.Process.Kill()
 		select {
 		case <-e.exited:
 		case <-time.After(shimExitGrace):
@@ -963,7 +944,7 @@ type execCapabilities struct {
 // writePooledCell writes the cell's files into the pool directory, before it becomes the bundle:
 // /etc/passwd and /etc/group naming the cell's user, config.json (the cell's own; the sandbox's
 // is kept as sandbox.json), the workload's process, the marker and the shim record.
-func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocument, cfg shimConfig) error {
+func (b *Backend) writePooledCell(e *warmEntry, doc *cellos.ExecutionCellDocument, cfg shim.Config) error {
 	s := &doc.Spec
 	files := bundle.EtcFiles(s)
 	rootfs, err := e.d.OpenDir(bundle.Rootfs)
@@ -1104,7 +1085,7 @@ func (b *Backend) removePoolEntry(loc location, pdir *owned.Dir, name string, sh
 		return nil
 	}
 	if id, ok := shims[proc.FileIdent{Dev: dev, Ino: ino}]; ok {
-		if h, err := openShim(id, d); err == nil {
+		if h, err := shim.Open(id, d); err == nil {
 			_ = h.Signal(unix.SIGTERM) // an idle keeper deletes its sandbox and exits
 			if !waitFor(h, keeperStopTimeout) {
 				_ = h.Signal(unix.SIGKILL)

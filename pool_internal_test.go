@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
+
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
@@ -81,7 +83,7 @@ func TestPooledProcessFile(t *testing.T) {
 	}
 	assert.NoError(t, os.WriteFile(dir+"/"+bundle.Config, []byte("{}"), 0o644))
 	c := b.newCell("x", b.locate())
-	cfg := shimConfig{CellID: "x", RunscID: e.runscID, Runsc: *c.runsc, Pool: true,
+	cfg := shim.Config{CellID: "x", RunscID: e.runscID, Runsc: *c.runsc, Pool: true,
 		Flags: runsc.CellFlags{Log: c.paths.bundle + "/runsc.log", IgnoreCgroups: true, Overlay: "none"}}
 	cfg.Runsc.Rootless = false
 	assert.NoError(t, b.writePooledCell(e, doc, cfg))
@@ -91,8 +93,6 @@ func TestPooledProcessFile(t *testing.T) {
 	assert.Equal(t, true, p["noNewPrivileges"])
 	assert.Equal(t, map[string]any{"uid": float64(65534), "gid": float64(65534)}, p["user"])
 	assert.True(t, bundle.HasMarker(e.d, "x"))
-	assert.Equal(t, []string{"--root", c.runsc.Root, "--log", c.paths.bundle + "/runsc.log", "--log-format=json", "--network=none", "--ignore-cgroups", "--overlay2=none",
-		"exec", "--process", "/b/process.json", "--internal-pid-file", "/b/workload.pid", e.runscID}, cfg.runscArgs("/b"))
 }
 
 // A cell's runsc id in a pool sandbox comes from its bundle directory: the same directory, moved,

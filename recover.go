@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
+
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
@@ -53,7 +55,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 	if err != nil {
 		return rep, cellos.NewError(op, "", cellos.ErrHost, err)
 	}
-	shims := findShims()
+	shims := shim.FindAll()
 	seen := map[string]bool{}
 	for _, id := range names {
 		if strings.HasPrefix(id, ".") || !cellos.ValidID(id) {

@@ -2,16 +2,14 @@ package gvisor
 
 import (
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/cellos/cellos-host-gvisor/internal/bundle"
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
 
-	"github.com/cellos/cellos-host-gvisor/internal/runsc"
+	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -54,7 +52,7 @@ func TestFakeDefaultLimits(t *testing.T) {
 			assert.Contains(t, m.Options, "size=268435456", "/tmp is as large as the memory limit")
 		}
 	}
-	var shim shimConfig
+	var shim shim.Config
 	require.NoError(t, readJSON(filepath.Join(e.bundle("limits"), bundle.ShimConfig), &shim))
 	assert.Equal(t, int64(2), shim.TTLSeconds, "the default lifetime, rounded up to seconds")
 	_, err := e.wait("limits")
@@ -123,37 +121,6 @@ func TestFakeDestroyRacingNaturalExit(t *testing.T) {
 	assert.Equal(t, destroyedStatus, <-waited)
 }
 
-// The exit record is written into space reserved at Create: on a filesystem that has filled up
-// meanwhile it is recorded all the same.
-func TestExitRecordOnFullFilesystem(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs needs root")
-	}
-	dir := t.TempDir()
-	require.NoError(t, unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k,mode=0700"))
-	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
-	d := ownedDir(t, dir)
-	require.NoError(t, bundle.WriteFiles(d))
-	filler, err := os.Create(filepath.Join(dir, "filler"))
-	require.NoError(t, err)
-	_, err = filler.Write(make([]byte, 1<<20))
-	require.ErrorIs(t, err, unix.ENOSPC, "the filesystem is full")
-	require.NoError(t, filler.Close())
-	require.ErrorIs(t, d.WriteFile("other", []byte("x"), 0o644), unix.ENOSPC)
-
-	reserve, err := d.OpenFile(bundle.ExitReserve, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer reserve.Close()
-	rec := &exitRecord{Status: cellos.ExitStatus{Code: 0, Reason: cellos.ExitExited}, Runsc: "exit 0", Error: strings.Repeat("e", 100)}
-	require.NoError(t, writeExit(d, reserve, rec))
-	var got exitRecord
-	require.NoError(t, bundle.ReadRecord(d, bundle.Exit, &got))
-	assert.Equal(t, rec.Status, got.Status)
-	assert.Equal(t, rec.Error, got.Error)
-	_, err = os.Stat(filepath.Join(dir, bundle.ExitReserve))
-	assert.ErrorIs(t, err, os.ErrNotExist, "the reserved space became the record")
-}
-
 // Bind sources and image roots that overlap the library's own state or the host's kernel
 // interfaces are refused, symlinks resolved; WithBindSources narrows further.
 func TestPolicyProtectedSources(t *testing.T) {
@@ -195,31 +162,6 @@ func TestPolicyProtectedSources(t *testing.T) {
 	s.Run.User = &cellos.UserSpec{UID: 1000, GID: 0}
 	_, err = b.checkPolicy(s, loc)
 	assert.Equal(t, []string{"spec.run.user"}, cellos.Fields(err), "gid 0 too")
-}
-
-// The shim refuses a request it cannot trust: another protocol, a relative bundle, unknown
-// fields, an incomplete configuration; and it opens only the bundle the request identifies.
-func TestShimRequestChecks(t *testing.T) {
-	good := shimRequest{Protocol: shimProtocol, Bundle: "/b/c", Config: shimConfig{RunscID: "cellos-x", OutputCap: 1, Runsc: runsc.Runsc{Path: "/usr/bin/runsc"}}}
-	require.NoError(t, good.check())
-	for name, change := range map[string]func(r *shimRequest){
-		"protocol": func(r *shimRequest) { r.Protocol = 2 },
-		"relative": func(r *shimRequest) { r.Bundle = "b/c" },
-		"unclean":  func(r *shimRequest) { r.Bundle = "/b/../etc" },
-		"no runsc": func(r *shimRequest) { r.Config.Runsc.Path = "runsc" },
-		"no id":    func(r *shimRequest) { r.Config.RunscID = "" },
-	} {
-		r := good
-		change(&r)
-		assert.Error(t, r.check(), name)
-	}
-	data, err := json.Marshal(good)
-	require.NoError(t, err)
-	var r shimRequest
-	bad := strings.Replace(string(data), `"protocol"`, `"extra":1,"protocol"`, 1)
-	assert.ErrorContains(t, readRequest(bufioReader(bad+"\n"), &r), "unknown field")
-	assert.ErrorContains(t, readRequest(bufioReader(strings.Repeat("x", maxRequest+10)), &r), "longer than")
-	assert.ErrorIs(t, readRequest(bufioReader(""), &r), errEOF)
 }
 
 // The default bundle root is off the shared /tmp wherever a safer place exists; TMPDIR, when set,

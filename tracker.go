@@ -4,6 +4,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/cellos/cellos-host-gvisor/internal/shim"
+
 	"github.com/cellos/cellos-host-gvisor/internal/runsc"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
@@ -23,7 +25,7 @@ type cell struct {
 	handle cellos.CellHandle
 
 	dir      *owned.Dir // the bundle directory, opened when the cell was created or found
-	shim     *shimProc  // the shim when this process started it; nil for adopted cells
+	shim     *shim.Proc // the shim when this process started it; nil for adopted cells
 	pid      pidRecord
 	follower *follow.Follower
 	memory   string // the memory cgroup directory, "" without limits
