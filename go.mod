@@ -3,6 +3,7 @@ module github.com/cellos/cellos-host-gvisor
 go 1.26.0
 
 require (
+	github.com/go-json-experiment/json v1.27.2
 	github.com/opencontainers/runtime-spec v1.3.0
 	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3
 	github.com/stretchr/testify v1.12.1
