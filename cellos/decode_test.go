@@ -11,6 +11,206 @@ import (
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
+// literal is the example with one literal replaced (the first occurrence of old), and what
+// ParseDocument must answer: the field its error names and a part of its message, or, with
+// both empty, that it accepts the document. A whole-document error names no field.
+type literal struct{ old, new, field, msg string }
+
+// literals vary the example at each kind of value with the literals a decoder gets wrong:
+// numbers at and beyond the limits of their types, escapes, nulls, wrong types, broken syntax.
+var literals = []literal{
+	// run.user.uid, a uint32 that must be given.
+	{`65534`, `0`, "", ""},
+	{`65534`, `1`, "", ""},
+	{`65534`, `-0`, "spec.run.user.uid", "expected an integer within uint32, got -0"},
+	{`65534`, `-1`, "spec.run.user.uid", "expected an integer within uint32, got -1"},
+	{`65534`, `4294967295`, "spec.run.user.uid", "4294967295 is not a valid uid"},
+	{`65534`, `4294967296`, "spec.run.user.uid", "got 4294967296"},
+	{`65534`, `18446744073709551615`, "spec.run.user.uid", "got 18446744073709551615"},
+	{`65534`, `18446744073709551616`, "spec.run.user.uid", "got 18446744073709551616"},
+	{`65534`, `99999999999999999999`, "spec.run.user.uid", "got 99999999999999999999"},
+	{`65534`, `1.0`, "spec.run.user.uid", "got 1.0"},
+	{`65534`, `1e2`, "spec.run.user.uid", "got 1e2"},
+	{`65534`, `null`, "spec.run.user.uid", "is required when user is given"},
+	{`65534`, `"1"`, "spec.run.user.uid", "got a string"},
+	{`65534`, `true`, "spec.run.user.uid", "got true"},
+	{`65534`, `[]`, "spec.run.user.uid", "got an array"},
+	{`65534`, `{}`, "spec.run.user.uid", "got an object"},
+	{`65534`, `01`, "", "malformed JSON"},
+	{`65534`, `00`, "", "malformed JSON"},
+	{`65534`, `-`, "", "malformed JSON"},
+	{`65534`, `+1`, "", "malformed JSON"},
+	{`65534`, `1.`, "", "malformed JSON"},
+	{`65534`, `.5`, "", "malformed JSON"},
+	// resources.memoryBytes, an int64.
+	{`268435456`, `0`, "", ""},
+	{`268435456`, `-0`, "", ""},
+	{`268435456`, `null`, "", ""},
+	{`268435456`, `9223372036854775807`, "", ""},
+	{`268435456`, `-1`, "spec.resources.memoryBytes", "is below the minimum"},
+	{`268435456`, `-9223372036854775808`, "spec.resources.memoryBytes", "is below the minimum"},
+	{`268435456`, `9223372036854775808`, "spec.resources.memoryBytes", "expected an integer within int64, got 9223372036854775808"},
+	{`268435456`, `-9223372036854775809`, "spec.resources.memoryBytes", "got -9223372036854775809"},
+	{`268435456`, `1E9`, "spec.resources.memoryBytes", "got 1E9"},
+	{`268435456`, `2.5e8`, "spec.resources.memoryBytes", "got 2.5e8"},
+	{`268435456`, `268435456.0`, "spec.resources.memoryBytes", "got 268435456.0"},
+	{`268435456`, `"268435456"`, "spec.resources.memoryBytes", "got a string"},
+	{`268435456`, `[1]`, "spec.resources.memoryBytes", "got an array"},
+	{`268435456`, `0x10`, "", "malformed JSON"},
+	{`268435456`, `nul`, "", "malformed JSON"},
+	{`268435456`, `nullx`, "", "malformed JSON"},
+	// run.env.LANG, a string. Lone surrogates and invalid UTF-8 become U+FFFD, as in encoding/json.
+	{`"C.UTF-8"`, `""`, "", ""},
+	{`"C.UTF-8"`, `null`, "", ""},
+	{`"C.UTF-8"`, `"\ud800"`, "", ""},
+	{`"C.UTF-8"`, `"\udc00\ud800"`, "", ""},
+	{`"C.UTF-8"`, `"\ud83d\ude00"`, "", ""},
+	{`"C.UTF-8"`, `"\ud83d\u0041"`, "", ""},
+	{`"C.UTF-8"`, `"\ud83d"`, "", ""},
+	{`"C.UTF-8"`, `"\u00e9\u00E9"`, "", ""},
+	{`"C.UTF-8"`, `"a` + "\x7f\xc3\xa9\xff\xc3" + `"`, "", ""},
+	{`"C.UTF-8"`, `"\/\\\"\b\f\n\r\t"`, "", ""},
+	{`"C.UTF-8"`, `"\u0000"`, "spec.run.env.LANG", "contains a NUL byte"},
+	{`"C.UTF-8"`, `1`, "spec.run.env.LANG", "expected a string, got a number"},
+	{`"C.UTF-8"`, `true`, "spec.run.env.LANG", "expected a string, got true"},
+	{`"C.UTF-8"`, `{}`, "spec.run.env.LANG", "expected a string, got an object"},
+	{`"C.UTF-8"`, `[]`, "spec.run.env.LANG", "expected a string, got an array"},
+	{`"C.UTF-8"`, `"\x"`, "", "malformed JSON"},
+	{`"C.UTF-8"`, `"\u12"`, "", "malformed JSON"},
+	{`"C.UTF-8"`, `"\u12G4"`, "", "malformed JSON"},
+	{`"C.UTF-8"`, `"\'"`, "", "malformed JSON"},
+	{`"C.UTF-8"`, `"a` + "\t" + `b"`, "", "malformed JSON"},
+	{`"C.UTF-8"`, `"unterminated`, "", "malformed JSON"},
+	// rootfs.writable and mounts[0].readOnly, a bool and a *bool.
+	{`false`, `true`, "", ""},
+	{`false`, `null`, "", ""},
+	{`false`, `0`, "spec.rootfs.writable", "expected true or false, got a number"},
+	{`false`, `"false"`, "spec.rootfs.writable", "got a string"},
+	{`false`, `tru`, "", "malformed JSON"},
+	{`false`, `false1`, "", "malformed JSON"},
+	{`false`, `f`, "", "malformed JSON"},
+	{`true`, `false`, "", ""},
+	{`true`, `null`, "", ""},
+	{`true`, `1`, "spec.mounts[0].readOnly", "got a number"},
+	{`true`, `"true"`, "spec.mounts[0].readOnly", "got a string"},
+	{`true`, `[]`, "spec.mounts[0].readOnly", "got an array"},
+	{`true`, `nulll`, "", "malformed JSON"},
+	// run.argv[0], a list element.
+	{`"/bin/sh"`, `"\u002fbin/sh"`, "", ""},
+	{`"/bin/sh"`, `null`, "spec.run.argv[0]", "must not be empty"},
+	{`"/bin/sh"`, `""`, "spec.run.argv[0]", "must not be empty"},
+	{`"/bin/sh"`, `1`, "spec.run.argv[0]", "expected a string, got a number"},
+	{`"/bin/sh"`, `["x"]`, "spec.run.argv[0]", "expected a string, got an array"},
+	// network.egress, a list of objects.
+	{`[]`, `null`, "", ""},
+	{`[]`, `[ ]`, "", ""},
+	{`[]`, `[{"cidr":"10.0.0.0/8","port":1,"protocol":"udp"}]`, "", ""},
+	{`[]`, `[null]`, "spec.network.egress[0].cidr", "is not a CIDR"},
+	{`[]`, `[{}]`, "spec.network.egress[0].port", "is not a port"},
+	{`[]`, `[1]`, "spec.network.egress[0]", "expected an object, got a number"},
+	{`[]`, `{}`, "spec.network.egress", "expected an array, got an object"},
+	{`[]`, `[,]`, "", "malformed JSON"},
+	{`[]`, `[{},]`, "", "malformed JSON"},
+	// labels, a map.
+	{`{"team": "ci"}`, `null`, "", ""},
+	{`{"team": "ci"}`, `{}`, "", ""},
+	{`{"team": "ci"}`, `{"a":null}`, "", ""},
+	{`{"team": "ci"}`, `{"a":"b","a":"c"}`, "spec.labels.a", "duplicate key"},
+	{`{"team": "ci"}`, `{"a":"b","\u0061":"c"}`, "spec.labels.a", "duplicate key"},
+	{`{"team": "ci"}`, `{"\ud800":"x","\udfff":"y"}`, "spec.labels.\ufffd", "duplicate key"},
+	{`{"team": "ci"}`, `{"\ufffd":"x","\ud800":"y"}`, "spec.labels.\ufffd", "duplicate key"},
+	{`{"team": "ci"}`, `{"":""}`, "spec.labels", `key "" must match`},
+	{`{"team": "ci"}`, `[]`, "spec.labels", "expected an object, got an array"},
+	{`{"team": "ci"}`, `{"a" "b"}`, "", "malformed JSON"},
+	{`{"team": "ci"}`, `{"a":}`, "", "malformed JSON"},
+	{`{"team": "ci"}`, `{,}`, "", "malformed JSON"},
+	{`{"team": "ci"}`, `{"a":"b",}`, "", "malformed JSON"},
+	// Names: escapes are resolved, the case must match.
+	{`"spec"`, `"\u0073pec"`, "", ""},
+	{`"spec"`, `"sp\u0065c"`, "", ""},
+	{`"spec"`, `"Spec"`, "Spec", `unknown field (did you mean "spec"?)`},
+	{`"spec"`, `"spec "`, "spec ", "unknown field"},
+	{`"mounts"`, `"Mounts"`, "spec.Mounts", `unknown field (did you mean "mounts"?)`},
+	{`"mounts"`, `"mounts\u0000"`, "spec.mounts\x00", "unknown field"},
+	{`"readOnly"`, `"\u0072eadOnly"`, "", ""},
+	{`"readOnly"`, `"readonly"`, "spec.mounts[0].readonly", `unknown field (did you mean "readOnly"?)`},
+	{`"user"`, `"User"`, "spec.run.User", `unknown field (did you mean "user"?)`},
+	{`"user"`, `"users"`, "spec.run.users", "unknown field"},
+	{`"uid"`, `"\u0075id"`, "", ""},
+	{`"uid"`, `"UID"`, "spec.run.user.UID", `unknown field (did you mean "uid"?)`},
+	{`"uid"`, `"gid"`, "spec.run.user.gid", "duplicate key"},
+	{`"ttlSeconds"`, `"ttl"`, "spec.lifetime.ttl", "unknown field"},
+	{`"ttlSeconds"`, `"TTLSeconds"`, "spec.lifetime.TTLSeconds", `unknown field (did you mean "ttlSeconds"?)`},
+}
+
+// wholeDocuments are documents far from the example, and the field their error names or a
+// part of the message of a whole-document error.
+var wholeDocuments = []struct{ doc, field, msg string }{
+	{``, "", "malformed JSON: the document ends early"},
+	{` `, "", "malformed JSON: the document ends early"},
+	{`nul`, "", "malformed JSON: the document ends early"},
+	{`{`, "", "malformed JSON: the document ends early"},
+	{`}`, "", "malformed JSON at byte 0"},
+	{"\ufeff{}", "", "malformed JSON at byte 0"},
+	{`{"apiVersion"}`, "", "malformed JSON at byte 13"},
+	{`{"apiVersion":}`, "", "malformed JSON at byte 14"},
+	{`{"apiVersion":"cellos.dev/v1",}`, "", "malformed JSON at byte 29"},
+	{`{,}`, "", "malformed JSON at byte 1"},
+	{`nullnull`, "", "trailing data after the document"},
+	{`{} {}`, "", "trailing data after the document"},
+	{`{}x`, "", "trailing data after the document"},
+	{`[]`, "(document)", "expected an object, got an array"},
+	{`1`, "(document)", "expected an object, got a number"},
+	{`"x"`, "(document)", "expected an object, got a string"},
+	{`null`, "apiVersion", `must be "cellos.dev/v1", got ""`},
+	{` null `, "spec.run.argv", "is required"},
+	{`{}`, "spec.id", "must match"},
+	{`{"spec":null}`, "spec.run.argv", "is required"},
+	{`{"spec":{"run":null}}`, "spec.run.argv", "is required"},
+	{`{"spec":{"run":{"user":null}}}`, "spec.run.argv", "is required"},
+	{`{"spec":{"run":{"argv":[null]}}}`, "spec.run.argv[0]", "must not be empty"},
+	{`{"spec":{"run":{"user":{"uid":1,"gid":2,"gid":3}}}}`, "spec.run.user.gid", "duplicate key"},
+	{`{"spec":{"run":{"user":{"uid":null,"gid":null}}}}`, "spec.run.user.uid", "is required when user is given"},
+	{`{"spec":{"mounts":[null,{"readOnly":null},{"readOnly":false}]}}`, "spec.mounts[2].destination", "is required"},
+	{`{"spec":{"network":{"egress":[null]}}}`, "spec.network.egress[0].protocol", "must be"},
+	{`{"spec":{"network":{"egress":[{"port":9223372036854775807}]}}}`, "spec.network.egress[0].port", "9223372036854775807 is not a port"},
+	{`{"spec":{"network":{"egress":[{"port":-0}]}}}`, "spec.network.egress[0].port", "0 is not a port"},
+	{exampleDoc + "\x00", "", "trailing data after the document"},
+	{"\x00" + exampleDoc, "", "malformed JSON at byte 0"},
+	{exampleDoc[:len(exampleDoc)-1], "", "malformed JSON: the document ends early"},
+}
+
+func (l literal) doc() string { return strings.Replace(exampleDoc, l.old, l.new, 1) }
+
+// TestParseDocumentLiterals holds ParseDocument to the rules at each literal and document.
+func TestParseDocumentLiterals(t *testing.T) {
+	check := func(doc, field, msg string) {
+		t.Helper()
+		got, err := cellos.ParseDocument([]byte(doc))
+		if field == "" && msg == "" {
+			require.NoError(t, err, "%q", doc)
+			checkAccepted(t, got)
+			return
+		}
+		require.Nil(t, got)
+		requireInvalidSpec(t, err)
+		if field == "" {
+			assert.Empty(t, cellos.Fields(err), "%q: a whole-document problem names no field", doc)
+		} else {
+			assert.Contains(t, cellos.Fields(err), field, "%q", doc)
+			assert.Contains(t, err.Error(), field+": ", "%q", doc)
+		}
+		assert.Contains(t, err.Error(), msg, "%q", doc)
+	}
+	for _, l := range literals {
+		require.Contains(t, exampleDoc, l.old)
+		check(l.doc(), l.field, l.msg)
+	}
+	for _, w := range wholeDocuments {
+		check(w.doc, w.field, w.msg)
+	}
+}
+
 func TestParseDocumentUserNeedsBothIDs(t *testing.T) {
 	const both = "spec.run.user.uid: is required when user is given; spec.run.user.gid: is required when user is given"
 	cases := []struct {
