@@ -180,6 +180,18 @@ var wholeDocuments = []struct{ doc, field, msg string }{
 	{exampleDoc[:len(exampleDoc)-1], "", "malformed JSON: the document ends early"},
 }
 
+// edgeDocuments are the documents of literals and wholeDocuments.
+func edgeDocuments() []string {
+	var docs []string
+	for _, l := range literals {
+		docs = append(docs, l.doc())
+	}
+	for _, w := range wholeDocuments {
+		docs = append(docs, w.doc)
+	}
+	return docs
+}
+
 func (l literal) doc() string { return strings.Replace(exampleDoc, l.old, l.new, 1) }
 
 // TestParseDocumentLiterals holds ParseDocument to the rules at each literal and document.
