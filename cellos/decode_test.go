@@ -3,6 +3,7 @@ package cellos_test
 import (
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -322,4 +323,46 @@ func TestParseDocumentAllocations(t *testing.T) {
 	})
 	t.Logf("%v allocations", allocs)
 	assert.LessOrEqual(t, allocs, 30.0)
+}
+
+// TestParseDocumentConcurrent: documents parsed at the same time do not share their decoding.
+func TestParseDocumentConcurrent(t *testing.T) {
+	want, err := cellos.ParseDocument([]byte(exampleDoc))
+	require.NoError(t, err)
+	bad := []byte(replaced(`"memoryBytes"`, `"MemoryBytes"`))
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for range 200 {
+				doc, err := cellos.ParseDocument([]byte(exampleDoc))
+				assert.NoError(t, err)
+				assert.Equal(t, want, doc)
+				_, err = cellos.ParseDocument(bad)
+				assert.Equal(t, []string{"spec.resources.MemoryBytes"}, cellos.Fields(err))
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// BenchmarkParseDocument is the parse and validation of the example, a typical document.
+func BenchmarkParseDocument(b *testing.B) {
+	data := []byte(exampleDoc)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := cellos.ParseDocument(data); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkParseDocumentRefused is the refusal of the example with a key in the wrong case.
+func BenchmarkParseDocumentRefused(b *testing.B) {
+	data := []byte(replaced(`"memoryBytes"`, `"MemoryBytes"`))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := cellos.ParseDocument(data); err == nil {
+			b.Fatal("accepted")
+		}
+	}
 }
