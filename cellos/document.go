@@ -1,14 +1,10 @@
 package cellos
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"path"
-	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -110,260 +106,17 @@ func ParseDocument(data []byte) (*ExecutionCellDocument, error) {
 			Err: fmt.Errorf("document is %d bytes, the limit is %d", len(data), MaxDocumentBytes)}
 	}
 	doc := new(ExecutionCellDocument)
-	if !decodeStrict(data, doc) {
-		// The fast path accepts only what the slow one accepts, and decodes it the same way; it
-		// leaves every refusal, and its wording, to the slow path.
-		return parseSlow(data)
-	}
-	if err := doc.Validate(); err != nil {
-		return nil, relabelParse(err)
-	}
-	return doc, nil
-}
-
-// parseSlow is ParseDocument with encoding/json: a walk over the token stream (checkShape), then
-// a decode, then Validate. It is the reference the fast path is tested against, and it words the
-// errors: it runs only for documents the fast path refuses.
-func parseSlow(data []byte) (*ExecutionCellDocument, error) {
-	if err := checkShape(data); err != nil {
+	if err := decode(data, doc); err != nil {
 		return nil, &Error{Op: "parse", CellID: peekID(data), Kind: ErrInvalidSpec, Err: err}
 	}
-	var doc ExecutionCellDocument
-	if err := decodeJSON(data, &doc); err != nil {
-		return nil, &Error{Op: "parse", CellID: peekID(data), Kind: ErrInvalidSpec, Err: describeJSONError(err)}
-	}
 	if err := doc.Validate(); err != nil {
-		return nil, relabelParse(err)
-	}
-	return &doc, nil
-}
-
-func decodeJSON(data []byte, doc *ExecutionCellDocument) error {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	return dec.Decode(doc)
-}
-
-// relabelParse names the operation of an error from Validate (a fresh *Error of its own).
-func relabelParse(err error) error {
-	var e *Error
-	if errors.As(err, &e) {
-		e.Op = "parse"
-	}
-	return err
-}
-
-// peekID finds spec.id in a document that may not decode (trailing data, a syntax error after
-// the id, a truncated prefix), so errors can name the cell. It reads no further than the id.
-func peekID(data []byte) string {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return ""
-	}
-	for dec.More() {
-		key, err := dec.Token()
-		if err != nil {
-			return ""
+		var e *Error
+		if errors.As(err, &e) {
+			e.Op = "parse" // a fresh *Error of Validate's own
 		}
-		if key != "spec" {
-			if skipValue(dec) != nil {
-				return ""
-			}
-			continue
-		}
-		if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-			return ""
-		}
-		for dec.More() {
-			key, err := dec.Token()
-			if err != nil {
-				return ""
-			}
-			if key != "id" {
-				if skipValue(dec) != nil {
-					return ""
-				}
-				continue
-			}
-			tok, err := dec.Token()
-			if id, ok := tok.(string); err == nil && ok && ValidID(id) {
-				return id
-			}
-			return ""
-		}
-		return ""
+		return nil, err
 	}
-	return ""
-}
-
-func skipValue(dec *json.Decoder) error {
-	var raw json.RawMessage
-	return dec.Decode(&raw)
-}
-
-func describeJSONError(err error) error {
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) && te.Field != "" {
-		return FieldError{Field: te.Field, Reason: fmt.Sprintf("expected %s, got %s", te.Type, te.Value)}
-	}
-	var se *json.SyntaxError
-	if errors.As(err, &se) {
-		return fmt.Errorf("malformed JSON at byte %d: %w", se.Offset, err)
-	}
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return fmt.Errorf("malformed JSON: the document ends early: %w", err)
-	}
-	return err
-}
-
-var docType = reflect.TypeFor[ExecutionCellDocument]()
-
-// checkShape walks the JSON token stream against the document's Go types. encoding/json alone
-// would accept duplicate keys (the last wins) and keys in any letter case: either could silently
-// drop a declared limit. It also refuses objects without their requiredKeys. It allocates for
-// every token: ParseDocument runs it only for documents its fast path (decodeStrict) refuses.
-func checkShape(data []byte) error {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.UseNumber()
-	if _, err := walkValue(dec, docType, ""); err != nil {
-		return err
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("trailing data after the document")
-	}
-	return nil
-}
-
-// walkValue checks the next value against t and reports whether it was a null.
-func walkValue(dec *json.Decoder, t reflect.Type, at string) (null bool, err error) {
-	tok, err := dec.Token()
-	if err != nil {
-		return false, describeJSONError(err)
-	}
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	if tok == nil {
-		return true, nil // null: the zero value
-	}
-	delim, isDelim := tok.(json.Delim)
-	switch t.Kind() {
-	case reflect.Struct, reflect.Map:
-		if !isDelim || delim != '{' {
-			return false, FieldError{Field: fieldName(at), Reason: "expected an object"}
-		}
-		given := map[string]bool{} // the keys seen, true when not null
-		for dec.More() {
-			kt, err := dec.Token()
-			if err != nil {
-				return false, describeJSONError(err)
-			}
-			key := kt.(string)
-			sub := join(at, key)
-			if _, dup := given[key]; dup {
-				return false, FieldError{Field: sub, Reason: "duplicate key"}
-			}
-			var elem reflect.Type
-			if t.Kind() == reflect.Map {
-				elem = t.Elem()
-			} else if elem = jsonField(t, key); elem == nil {
-				return false, FieldError{Field: sub, Reason: "unknown field" + suggest(t, key)}
-			}
-			null, err := walkValue(dec, elem, sub)
-			if err != nil {
-				return false, err
-			}
-			given[key] = !null
-		}
-		if _, err := dec.Token(); err != nil { // '}'
-			return false, describeJSONError(err)
-		}
-		return false, missingKeys(t, given, at)
-	case reflect.Slice:
-		if !isDelim || delim != '[' {
-			return false, FieldError{Field: fieldName(at), Reason: "expected an array"}
-		}
-		for i := 0; dec.More(); i++ {
-			if _, err := walkValue(dec, t.Elem(), fmt.Sprintf("%s[%d]", at, i)); err != nil {
-				return false, err
-			}
-		}
-		if _, err := dec.Token(); err != nil { // ']'
-			return false, describeJSONError(err)
-		}
-		return false, nil
-	default:
-		if isDelim {
-			return false, FieldError{Field: fieldName(at), Reason: "expected a " + t.Kind().String() + ", got a structure"}
-		}
-		return false, nil
-	}
-}
-
-// requiredKeys lists the keys an object must have, with a value other than null, whenever the
-// object is given, and why. A run.user without "gid" (or with "gid": null) would otherwise run
-// the cell in group 0, root's group.
-var requiredKeys = map[reflect.Type]struct {
-	keys   []string
-	reason string
-}{
-	reflect.TypeFor[UserSpec](): {[]string{"uid", "gid"}, "is required when user is given"},
-}
-
-// missingKeys reports the required keys of an object of type t that were not given a value.
-func missingKeys(t reflect.Type, given map[string]bool, at string) error {
-	req, ok := requiredKeys[t]
-	if !ok {
-		return nil
-	}
-	var errs FieldErrors
-	for _, k := range req.keys {
-		if !given[k] {
-			errs = append(errs, FieldError{Field: join(at, k), Reason: req.reason})
-		}
-	}
-	switch len(errs) {
-	case 0:
-		return nil
-	case 1:
-		return errs[0]
-	}
-	return errs
-}
-
-func fieldName(at string) string {
-	if at == "" {
-		return "(document)"
-	}
-	return at
-}
-
-func join(at, key string) string {
-	if at == "" {
-		return key
-	}
-	return at + "." + key
-}
-
-func jsonField(t reflect.Type, key string) reflect.Type {
-	for i := range t.NumField() {
-		f := t.Field(i)
-		if name, _, _ := strings.Cut(f.Tag.Get("json"), ","); name == key {
-			return f.Type
-		}
-	}
-	return nil
-}
-
-// suggest names the field a misspelt key was probably meant to be (same letters, other case).
-func suggest(t reflect.Type, key string) string {
-	for i := range t.NumField() {
-		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
-		if strings.EqualFold(name, key) {
-			return fmt.Sprintf(" (did you mean %q?)", name)
-		}
-	}
-	return ""
+	return doc, nil
 }
 
 // Validate checks everything about the document that does not depend on the host. It returns an

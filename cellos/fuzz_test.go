@@ -67,43 +67,79 @@ func FuzzParseDocument(f *testing.F) {
 	for _, s := range fuzzSeeds() {
 		f.Add([]byte(s.doc))
 	}
-	f.Fuzz(func(t *testing.T, data []byte) {
-		checkFastMatchesSlow(t, data)
-		doc, err := cellos.ParseDocument(data)
-		if err != nil {
-			require.Nil(t, doc)
-			require.ErrorIs(t, err, cellos.ErrInvalidSpec)
-			for _, k := range otherKinds {
-				require.NotErrorIs(t, err, k)
-			}
-			var e *cellos.Error
-			require.ErrorAs(t, err, &e)
-			require.Equal(t, "parse", e.Op)
-			if e.CellID != "" {
-				require.Regexp(t, fuzzIDPattern, e.CellID)
-			}
-			require.NotEmpty(t, err.Error())
-			return
-		}
-		require.NotNil(t, doc)
-		checkAccepted(t, doc)
+	f.Fuzz(checkParse)
+}
 
-		// Round trip: what was accepted, marshalled again, parses to the same document.
-		var buf bytes.Buffer
-		enc := json.NewEncoder(&buf)
-		enc.SetEscapeHTML(false)
-		require.NoError(t, enc.Encode(doc))
-		var again *cellos.ExecutionCellDocument
-		if buf.Len() <= cellos.MaxDocumentBytes {
-			again, err = cellos.ParseDocument(buf.Bytes())
-			require.NoError(t, err, "re-marshalled: %s", buf.Bytes())
-		} else { // escaping grew it past the limit: check the content without the size limit
-			again = new(cellos.ExecutionCellDocument)
-			require.NoError(t, json.Unmarshal(buf.Bytes(), again))
-			require.NoError(t, again.Validate())
+// wholeDocumentReason is how an error that names no field says why the document is refused.
+var wholeDocumentReason = regexp.MustCompile(`^parse( cell "[^"]+")?: invalid cell spec: ` +
+	`(malformed JSON(: the document ends early| at byte \d+: )|trailing data after the document$|document is \d+ bytes, the limit is \d+$)`)
+
+// checkParse asserts what holds for any input of ParseDocument, which it leaves as it was. A
+// refusal is an *Error of kind ErrInvalidSpec alone that names the fields at fault, or says why
+// the document as a whole is refused; it names a cell only by a well-formed id. An accepted
+// document is valid, is what encoding/json (which is not strict) decodes from the same bytes,
+// and parses to itself again once re-encoded.
+func checkParse(t *testing.T, data []byte) {
+	in := bytes.Clone(data)
+	doc, err := cellos.ParseDocument(data)
+	require.Equal(t, in, data, "ParseDocument must not modify its input")
+	if err != nil {
+		require.Nil(t, doc)
+		e := requireInvalidSpec(t, err)
+		require.Equal(t, "parse", e.Op)
+		if e.CellID != "" {
+			require.Regexp(t, fuzzIDPattern, e.CellID)
 		}
-		require.Equal(t, normalized(doc), normalized(again))
-	})
+		fields := cellos.Fields(err)
+		if len(fields) == 0 {
+			require.Regexp(t, wholeDocumentReason, err.Error())
+		}
+		for _, f := range fields {
+			require.Contains(t, err.Error(), f+": ")
+		}
+		return
+	}
+	require.NotNil(t, doc)
+	checkAccepted(t, doc)
+
+	// Strictness only refuses: it never decodes a document otherwise than encoding/json.
+	var lenient cellos.ExecutionCellDocument
+	require.NoError(t, json.Unmarshal(data, &lenient))
+	require.Equal(t, &lenient, doc)
+
+	// Round trip: what was accepted, marshalled again, parses to the same document.
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	require.NoError(t, enc.Encode(doc))
+	var again *cellos.ExecutionCellDocument
+	if buf.Len() <= cellos.MaxDocumentBytes {
+		again, err = cellos.ParseDocument(buf.Bytes())
+		require.NoError(t, err, "re-marshalled: %s", buf.Bytes())
+	} else { // escaping grew it past the limit: check the content without the size limit
+		again = new(cellos.ExecutionCellDocument)
+		require.NoError(t, json.Unmarshal(buf.Bytes(), again))
+		require.NoError(t, again.Validate())
+	}
+	require.Equal(t, normalized(doc), normalized(again))
+}
+
+// TestParseDocumentProperties checks the properties of the fuzz target on every document the
+// tests know, the seeds' mutations aside.
+func TestParseDocumentProperties(t *testing.T) {
+	var docs []string
+	for _, c := range validCases() {
+		docs = append(docs, c.doc)
+	}
+	for _, c := range badCases() {
+		docs = append(docs, c.doc)
+	}
+	for _, s := range fuzzSeeds() {
+		docs = append(docs, s.doc)
+	}
+	for _, d := range append(docs, edgeDocuments()...) {
+		checkParse(t, []byte(d))
+	}
 }
 
 // checkAccepted asserts the invariants of a document ParseDocument accepted.
