@@ -9,7 +9,6 @@
 package cgroups
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cellos/cellos-host-gvisor/internal/proc"
+	"github.com/moby/sys/mountinfo"
 )
 
 // Parent is the directory under each hierarchy's root that holds every cell's cgroup.
@@ -47,37 +47,31 @@ func Detect() (*Manager, error) {
 	return parseMountinfo(f)
 }
 
+// parseMountinfo finds the cgroup hierarchies among the mounts of a mountinfo file.
 func parseMountinfo(r io.Reader) (*Manager, error) {
+	mounts, err := mountinfo.GetMountsFromReader(r, mountinfo.FSTypeFilter("cgroup", "cgroup2"))
+	if err != nil {
+		return nil, err
+	}
 	m := &Manager{v1: map[string]string{}}
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	var v2 string
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		sep := slices.Index(fields, "-")
-		if sep < 0 || sep+3 > len(fields) || len(fields) < 5 {
-			continue
-		}
-		mountPoint, fsType := unescape(fields[4]), fields[sep+1]
-		switch fsType {
+	for _, mi := range mounts {
+		switch mi.FSType {
 		case "cgroup2":
 			if v2 == "" {
-				v2 = mountPoint
+				v2 = mi.Mountpoint
 			}
 		case "cgroup":
-			m.mounts = append(m.mounts, mountPoint)
-			for _, opt := range strings.Split(fields[sep+3], ",") {
+			m.mounts = append(m.mounts, mi.Mountpoint)
+			for _, opt := range strings.Split(mi.VFSOptions, ",") {
 				if opt == "rw" || opt == "ro" || opt == "relatime" || strings.HasPrefix(opt, "release_agent") || opt == "clone_children" || opt == "xattr" {
 					continue
 				}
 				if _, dup := m.v1[opt]; !dup {
-					m.v1[opt] = mountPoint
+					m.v1[opt] = mi.Mountpoint
 				}
 			}
 		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
 	}
 	slices.Sort(m.mounts)
 	if len(m.v1) == 0 && v2 != "" {
@@ -85,14 +79,6 @@ func parseMountinfo(r io.Reader) (*Manager, error) {
 	}
 	m.mounted = len(m.mounts) > 0 || m.v2 != ""
 	return m, nil
-}
-
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
-	return r.Replace(s)
 }
 
 // Available reports whether any cgroup hierarchy is mounted.

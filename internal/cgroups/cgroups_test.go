@@ -46,9 +46,11 @@ func TestParseMountinfo(t *testing.T) {
 	assert.True(t, m.V2())
 	assert.Equal(t, "/sys/fs/cgroup/cellos/x", m.MemoryDir("x"))
 
-	m, err = parseMountinfo(strings.NewReader("garbage\n"))
+	m, err = parseMountinfo(strings.NewReader(""))
 	require.NoError(t, err)
 	assert.False(t, m.Available())
+	_, err = parseMountinfo(strings.NewReader("garbage\n"))
+	assert.Error(t, err, "a mountinfo line that is not one")
 }
 
 func TestOOMKills(t *testing.T) {
