@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/pool"
 	"github.com/cellos/cellos-host-gvisor/internal/shim"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
@@ -44,7 +45,7 @@ type Backend struct {
 	ctl       controlProbes  // which runsc binaries serve abstract control sockets (control.go)
 	netProbes netProbes      // which runsc binaries can run cells with sandbox networking (network.go)
 	wg        sync.WaitGroup // the goroutines the Backend started; Close waits for them
-	pool      *warmPool      // WithWarmPool's idle sandboxes (pool.go); nil without
+	pool      *pool.Pool     // WithWarmPool's idle sandboxes (pooled.go); nil without
 	spares    *shim.Spares   // the shim started ahead of the next Create
 }
 
@@ -81,7 +82,8 @@ func New(opts ...Option) (*Backend, error) {
 		b.opts.defaults.MemoryBytes, b.opts.defaults.CPUMillis = 0, 0
 	}
 	b.spares = shim.NewSpares(o.noSpare)
-	b.pool = newWarmPool(b, o.warmPool) // starts filling in the background
+	b.pool = pool.New(poolEnv{b}, pool.Config{Size: o.warmPool, Host: b.host, Cgroups: b.cg, Log: b.log,
+		Limits: cgroups.Limits{MemoryBytes: b.opts.defaults.MemoryBytes, CPUMillis: b.opts.defaults.CPUMillis}}) // fills in the background
 	return b, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cellos/cellos-host-gvisor/internal/pool"
 	"github.com/cellos/cellos-host-gvisor/internal/shim"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
@@ -22,15 +23,15 @@ import (
 // Pool sandboxes' runsc ids and cells' ids are never prefixes of one another (runsc matches ids
 // by prefix), and a pool directory's name is never a cell id.
 func TestPoolIDsNeverPrefixes(t *testing.T) {
-	pool := runsc.PoolIDPrefix + strings.Repeat("0", runsc.PoolNameLen)
-	assert.True(t, runsc.IsPoolID(pool))
+	poolID := runsc.PoolIDPrefix + strings.Repeat("0", runsc.PoolNameLen)
+	assert.True(t, runsc.IsPoolID(poolID))
 	for _, id := range []string{"a", "cell", "pool", "0", strings.Repeat("f", 64)} {
 		cell := RunscID("/var/lib/cellos", id)
-		assert.False(t, strings.HasPrefix(pool, cell), id)
-		assert.False(t, strings.HasPrefix(cell, pool), id)
+		assert.False(t, strings.HasPrefix(poolID, cell), id)
+		assert.False(t, strings.HasPrefix(cell, poolID), id)
 		assert.False(t, runsc.IsPoolID(cell), id)
 	}
-	assert.False(t, cellos.ValidID(poolDirName))
+	assert.False(t, cellos.ValidID(pool.DirName))
 	assert.False(t, runsc.IsPoolID(runsc.PoolIDPrefix+"0123"), "short")
 	assert.False(t, runsc.IsPoolID(runsc.PoolIDPrefix+strings.Repeat("G", runsc.PoolNameLen)), "not hex")
 }
@@ -66,7 +67,7 @@ func TestWarmProfile(t *testing.T) {
 	for name, c := range cases {
 		s := base()
 		c.change(s)
-		assert.Equal(t, c.warm, warmProfile(s, cgroups.Limits{}), name)
+		assert.Equal(t, c.warm, pool.Fits(s, cgroups.Limits{}), name)
 	}
 }
 
@@ -77,13 +78,13 @@ func TestPooledProcessFile(t *testing.T) {
 	dir := t.TempDir()
 	b, err := New(WithBundleRoot(dir))
 	assert.NoError(t, err)
-	e := &warmEntry{dir: dir, d: ownedDir(t, dir), runscID: runsc.PoolIDPrefix + strings.Repeat("a", runsc.PoolNameLen)}
+	e := &pool.Entry{Path: dir, Dir: ownedDir(t, dir), RunscID: runsc.PoolIDPrefix + strings.Repeat("a", runsc.PoolNameLen)}
 	for _, d := range []string{"rootfs", "rootfs/etc"} {
 		assert.NoError(t, mkdir(dir+"/"+d))
 	}
 	assert.NoError(t, os.WriteFile(dir+"/"+bundle.Config, []byte("{}"), 0o644))
 	c := b.newCell("x", b.locate())
-	cfg := shim.Config{CellID: "x", RunscID: e.runscID, Runsc: *c.runsc, Pool: true,
+	cfg := shim.Config{CellID: "x", RunscID: e.RunscID, Runsc: *c.runsc, Pool: true,
 		Flags: runsc.CellFlags{Log: c.paths.bundle + "/runsc.log", IgnoreCgroups: true, Overlay: "none"}}
 	cfg.Runsc.Rootless = false
 	assert.NoError(t, b.writePooledCell(e, doc, cfg))
@@ -92,7 +93,7 @@ func TestPooledProcessFile(t *testing.T) {
 	assert.Equal(t, map[string]any{"bounding": []any{}, "effective": []any{}, "inheritable": []any{}, "permitted": []any{}, "ambient": []any{}}, p["capabilities"])
 	assert.Equal(t, true, p["noNewPrivileges"])
 	assert.Equal(t, map[string]any{"uid": float64(65534), "gid": float64(65534)}, p["user"])
-	assert.True(t, bundle.HasMarker(e.d, "x"))
+	assert.True(t, bundle.HasMarker(e.Dir, "x"))
 }
 
 // A cell's runsc id in a pool sandbox comes from its bundle directory: the same directory, moved,
@@ -118,13 +119,13 @@ func mkdir(p string) error { return os.Mkdir(p, 0o755) }
 func TestStateIDsFromFileNames(t *testing.T) {
 	dir := t.TempDir()
 	cold := RunscID("/b", "c1")
-	pool := runsc.PoolIDPrefix + "0123456789abcdef01234567"
-	for _, f := range []string{cold + ".state", cold + ".lock", pool + "_sandbox:" + pool + ".lock", runsc.NullNetNS} {
+	poolID := runsc.PoolIDPrefix + "0123456789abcdef01234567"
+	for _, f := range []string{cold + ".state", cold + ".lock", poolID + "_sandbox:" + poolID + ".lock", runsc.NullNetNS} {
 		require.NoError(t, os.WriteFile(filepath.Join(dir, f), nil, 0o600))
 	}
 	r := &runsc.Runsc{Root: dir}
 	ids, other := r.StateIDs()
-	assert.Equal(t, map[string]bool{cold: true, pool: true}, ids)
+	assert.Equal(t, map[string]bool{cold: true, poolID: true}, ids)
 	assert.False(t, other)
 
 	for _, f := range []string{"foreign.state", "cellos-short.state", "cellos-" + "zz23456789abcdef01234567.state"} {
@@ -134,8 +135,8 @@ func TestStateIDsFromFileNames(t *testing.T) {
 		require.NoError(t, os.Remove(filepath.Join(dir, f)))
 	}
 
-	// Lone locks of a pool sandbox go without runsc (there is none here to call).
-	require.NoError(t, removeSandbox(&runsc.Runsc{Root: dir}, pool))
+	// Lone locks of a poolID sandbox go without runsc (there is none here to call).
+	require.NoError(t, pool.RemoveSandbox(&runsc.Runsc{Root: dir}, poolID))
 	ids, _ = r.StateIDs()
 	assert.Equal(t, map[string]bool{cold: true}, ids)
 }

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cellos/cellos-host-gvisor/internal/pool"
 	"github.com/cellos/cellos-host-gvisor/internal/shim"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
@@ -59,7 +60,7 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 	seen := map[string]bool{}
 	for _, id := range names {
 		if strings.HasPrefix(id, ".") || !cellos.ValidID(id) {
-			if id != filepath.Base(loc.runsc.Root) && id != poolDirName {
+			if id != filepath.Base(loc.runsc.Root) && id != pool.DirName {
 				b.log.Warn("ignoring an entry of the bundle root that is not a cell", zap.String("name", id))
 			}
 			continue
@@ -82,7 +83,8 @@ func (b *Backend) Recover(ctx context.Context) (RecoveryReport, error) {
 			errs = append(errs, err)
 		}
 	}
-	if err := b.recoverPool(ctx, loc, root, shims); err != nil { // idle warm-pool sandboxes (pool.go): removed, never listed
+	// Idle warm-pool sandboxes: removed, never listed.
+	if err := b.pool.RemoveLeftovers(ctx, pool.Leftovers{Root: root, Runsc: *loc.runsc, Confine: b.root, Cgroups: b.cg, Log: b.log, Shims: shims}); err != nil {
 		errs = append(errs, err)
 	}
 	// runsc state whose bundle is gone: Create or Destroy was interrupted. runsc is asked (for the
