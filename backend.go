@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -40,13 +39,12 @@ type Backend struct {
 	cells *tracker
 	root  bool // the library runs as root
 
-	prober    runsc.Prober   // what each runsc binary said of itself (probe.go)
-	probed    probeLog       // the runsc binaries whose probe this Backend has logged
-	ctl       controlProbes  // which runsc binaries serve abstract control sockets (control.go)
-	netProbes netProbes      // which runsc binaries can run cells with sandbox networking (network.go)
-	wg        sync.WaitGroup // the goroutines the Backend started; Close waits for them
-	pool      *pool.Pool     // WithWarmPool's idle sandboxes (pooled.go); nil without
-	spares    *shim.Spares   // the shim started ahead of the next Create
+	prober    runsc.Prober              // what each runsc binary said of itself (probe.go)
+	probed    probeLog                  // the runsc binaries whose probe this Backend has logged
+	ctl       runsc.PerBinary[bool]     // which runsc binaries serve abstract control sockets (control.go)
+	netProbes runsc.PerBinary[netProbe] // which runsc binaries can run cells with sandbox networking (network.go)
+	pool      *pool.Pool                // WithWarmPool's idle sandboxes (pooled.go); nil without
+	spares    *shim.Spares              // the shim started ahead of the next Create
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)

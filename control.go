@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
@@ -27,19 +26,6 @@ import (
 // costs ~0.1 ms per runsc invocation and changes nothing else. Without root it cannot make
 // namespaces: it finds out, once per runsc binary, whether the binary serves abstract sockets
 // (a trial sandbox), and refuses cells on one that does unless WithUnconfinedControlSockets.
-
-// abstractProbe is one trial of one runsc binary.
-type abstractProbe struct {
-	done     chan struct{}
-	abstract bool
-	err      error
-}
-
-// controlProbes are a Backend's trials, by binary.
-type controlProbes struct {
-	mu sync.Mutex
-	m  map[runsc.Key]*abstractProbe
-}
 
 // abstractProbeTimeout bounds the trial (Debian's runsc takes ~2 s, most of it its delete).
 const abstractProbeTimeout = 60 * time.Second
@@ -70,41 +56,11 @@ func (b *Backend) servesAbstract(ctx context.Context, loc location) (bool, error
 	if err != nil {
 		return false, err
 	}
-	p := &b.ctl
-	p.mu.Lock()
-	if p.m == nil {
-		p.m = map[runsc.Key]*abstractProbe{}
-	}
-	call := p.m[key]
-	if call != nil {
-		select {
-		case <-call.done:
-			if call.err != nil {
-				call = nil // failed: try again
-			}
-		default:
-		}
-	}
-	if call == nil {
-		call = &abstractProbe{done: make(chan struct{})}
-		p.m[key] = call
-		r, host := *loc.runsc, b.host
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			tctx, cancel := context.WithTimeout(context.Background(), abstractProbeTimeout)
-			defer cancel()
-			call.abstract, call.err = probeAbstract(tctx, r, host)
-			close(call.done)
-		}()
-	}
-	p.mu.Unlock()
-	select {
-	case <-call.done:
-		return call.abstract, call.err
-	case <-ctx.Done():
-		return false, ctx.Err()
-	}
+	r, host := *loc.runsc, b.host
+	abstract, _, err := b.ctl.Do(ctx, key, abstractProbeTimeout, func(ctx context.Context) (bool, error) {
+		return probeAbstract(ctx, r, host)
+	})
+	return abstract, err
 }
 
 // probeAbstract starts a trial sandbox (a sleep) from a bundle of its own and reports whether it

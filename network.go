@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/cellos/cellos-host-gvisor/internal/shim"
@@ -440,18 +439,6 @@ type netProbe struct {
 	took    time.Duration
 }
 
-type netProbeCall struct {
-	done chan struct{}
-	res  netProbe
-	err  error
-}
-
-// netProbes are a Backend's trials, by binary.
-type netProbes struct {
-	mu sync.Mutex
-	m  map[runsc.Key]*netProbeCall
-}
-
 // netProbeTimeout bounds the trial; like the runsc probe it runs detached from the caller's ctx.
 const netProbeTimeout = 60 * time.Second
 
@@ -461,50 +448,21 @@ func (b *Backend) sandboxNetworking(ctx context.Context, cellID string, loc loca
 	if err != nil {
 		return false, "", cellos.NewError("create", cellID, cellos.ErrHost, err)
 	}
-	np := &b.netProbes
-	np.mu.Lock()
-	if np.m == nil {
-		np.m = map[runsc.Key]*netProbeCall{}
-	}
-	call := np.m[key]
-	if call != nil {
-		select {
-		case <-call.done:
-			if call.err != nil {
-				call = nil // failed: try again
-			}
-		default:
+	r, host := *loc.runsc, b.host
+	res, first, err := b.netProbes.Do(ctx, key, netProbeTimeout, func(ctx context.Context) (netProbe, error) {
+		return probeSandboxNetworking(ctx, r, host)
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("probing runsc's networking: %w", err)
 		}
-	}
-	first := call == nil
-	if first {
-		call = &netProbeCall{done: make(chan struct{})}
-		np.m[key] = call
-		r := *loc.runsc
-		host := b.host
-		b.wg.Add(1)
-		go func() {
-			pctx, cancel := context.WithTimeout(context.Background(), netProbeTimeout)
-			defer cancel()
-			defer b.wg.Done()
-			call.res, call.err = probeSandboxNetworking(pctx, r, host)
-			close(call.done)
-		}()
-	}
-	np.mu.Unlock()
-	select {
-	case <-call.done:
-	case <-ctx.Done():
-		return false, "", cellos.NewError("create", cellID, cellos.ErrHost, fmt.Errorf("probing runsc's networking: %w", ctx.Err()))
-	}
-	if call.err != nil {
-		return false, "", cellos.NewError("create", cellID, cellos.ErrHost, call.err)
+		return false, "", cellos.NewError("create", cellID, cellos.ErrHost, err)
 	}
 	if first {
-		b.log.Info("runsc network probe", zap.String("runsc", loc.runsc.Path), zap.Bool("sandboxNetworking", call.res.sandbox),
-			zap.String("reason", call.res.reason), zap.Duration("took", call.res.took))
+		b.log.Info("runsc network probe", zap.String("runsc", loc.runsc.Path), zap.Bool("sandboxNetworking", res.sandbox),
+			zap.String("reason", res.reason), zap.Duration("took", res.took))
 	}
-	return call.res.sandbox, call.res.reason, nil
+	return res.sandbox, res.reason, nil
 }
 
 // probeSandboxNetworking runs the trial in a temporary directory of its own (bundle, state root,

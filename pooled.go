@@ -125,10 +125,10 @@ func (b *Backend) Close(ctx context.Context) error {
 	return nil
 }
 
-// awaitBackground waits, within ctx, for the goroutines the Backend started for itself (probes).
+// awaitBackground waits, within ctx, for the goroutines the Backend started for itself: its probes.
 func (b *Backend) awaitBackground(ctx context.Context) error {
 	done := make(chan struct{})
-	go func() { b.wg.Wait(); b.prober.Wait(); close(done) }()
+	go func() { b.prober.Wait(); b.ctl.Wait(); b.netProbes.Wait(); close(done) }()
 	select {
 	case <-done:
 		return nil

@@ -8,7 +8,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -120,73 +119,26 @@ func KeyOf(path string) (Key, error) {
 	return k, nil
 }
 
-// probeCall is one probe of one binary; done is closed when p or err is set. Failed probes are
-// not kept: the next caller probes again.
-type probeCall struct {
-	done chan struct{}
-	p    *Probed
-	err  error
-}
-
-// Prober probes runsc binaries and keeps what they said, per file: a replaced binary is probed
-// again. Each Backend owns one; it is safe for concurrent use.
-type Prober struct {
-	mu sync.Mutex
-	m  map[Key]*probeCall
-	wg sync.WaitGroup // the probes under way
-}
-
-// Wait returns once no probe is under way.
-func (pr *Prober) Wait() { pr.wg.Wait() }
+// Prober probes runsc binaries and keeps what they said, per file. Each Backend owns one.
+type Prober struct{ once PerBinary[*Probed] }
 
 // Probe returns what the binary at path (absolute) says about itself, probing it unless a probe
-// of this very file is cached or under way, and the file's identity. first is true for the
-// caller whose call ran the probe. The probe runs detached from ctx, which bounds only the wait.
+// of this very file is kept or under way, and the file's identity. first is true for the caller
+// whose call ran the probe.
 func (pr *Prober) Probe(ctx context.Context, path string) (p *Probed, key Key, first bool, err error) {
 	key, err = KeyOf(path)
 	if err != nil {
 		return nil, key, false, err
 	}
-	pr.mu.Lock()
-	if pr.m == nil {
-		pr.m = map[Key]*probeCall{}
+	p, first, err = pr.once.Do(ctx, key, probeTimeout, func(ctx context.Context) (*Probed, error) { return runProbe(ctx, path) })
+	if err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("probing runsc %s: %w", path, err)
 	}
-	call := pr.m[key]
-	if call != nil {
-		select {
-		case <-call.done:
-			if call.err != nil {
-				call = nil // failed: probe again
-			}
-		default:
-		}
-	}
-	if call == nil {
-		first = true
-		for k := range pr.m {
-			if k.path == path {
-				delete(pr.m, k) // an older file at the same path
-			}
-		}
-		call = &probeCall{done: make(chan struct{})}
-		pr.m[key] = call
-		pr.wg.Add(1)
-		go func() {
-			defer pr.wg.Done()
-			pctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
-			defer cancel()
-			call.p, call.err = runProbe(pctx, path)
-			close(call.done)
-		}()
-	}
-	pr.mu.Unlock()
-	select {
-	case <-call.done:
-		return call.p, key, first, call.err
-	case <-ctx.Done():
-		return nil, key, false, fmt.Errorf("probing runsc %s: %w", path, ctx.Err())
-	}
+	return p, key, first, err
 }
+
+// Wait returns once no probe is under way.
+func (pr *Prober) Wait() { pr.once.Wait() }
 
 // runProbe runs `runsc --version` and `runsc flags`, concurrently, and parses what they print.
 func runProbe(ctx context.Context, path string) (*Probed, error) {
