@@ -50,6 +50,17 @@ func (c *cli) onCell(do func(ctx context.Context, b *gvisor.Backend, id string, 
 	}
 }
 
+// cellVerb is a verb that attaches to one cell of the bundle root (ID, its first argument) and
+// does one thing to it.
+func (c *cli) cellVerb(name, summary, args, long string, check func([]string) error,
+	do func(ctx context.Context, b *gvisor.Backend, id string, args []string) error) *command {
+	cmd := newCommand(name)
+	cmd.group = groupOperate
+	cmd.summary, cmd.args, cmd.long, cmd.check = summary, args, long, check
+	cmd.run = c.onCell(do)
+	return cmd
+}
+
 func (c *cli) listCommand() *command {
 	cmd := newCommand("list")
 	cmd.group = groupOperate
@@ -140,101 +151,76 @@ SIGINT (Ctrl-C), SIGTERM and SIGHUP kill the exec'd process and its descendants,
 }
 
 func (c *cli) killCommand() *command {
-	cmd := newCommand("kill")
-	cmd.aliases = []string{"signal"}
-	cmd.group = groupOperate
-	cmd.summary = "send a signal to a cell's main process"
-	cmd.args = "ID [SIGNAL]"
-	cmd.long = `
+	cmd := c.cellVerb("kill", "send a signal to a cell's main process", "ID [SIGNAL]", `
 Kill sends SIGNAL (default TERM) to cell ID's main process, as runc kill does: the workload
 decides what its children get; exec'd processes are not signalled. SIGNAL is a name (TERM), a SIG
 name (SIGTERM) or a number (15). gVisor does not shield a cell's init from signals it does not
-handle, so TERM ends a workload that does not trap it. Delete stops a cell for good and removes it.`
-	cmd.check = between(1, 2)
-	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, args []string) error {
-		sig := syscall.SIGTERM
-		if len(args) > 0 {
-			var err error
-			if sig, err = parseSignal(args[0]); err != nil {
-				return err
+handle, so TERM ends a workload that does not trap it. Delete stops a cell for good and removes it.`,
+		between(1, 2), func(ctx context.Context, b *gvisor.Backend, id string, args []string) error {
+			sig := syscall.SIGTERM
+			if len(args) > 0 {
+				var err error
+				if sig, err = parseSignal(args[0]); err != nil {
+					return err
+				}
 			}
-		}
-		return b.Signal(ctx, id, sig)
-	})
+			return b.Signal(ctx, id, sig)
+		})
+	cmd.aliases = []string{"signal"}
 	return cmd
 }
 
 func (c *cli) statsCommand() *command {
-	cmd := newCommand("stats")
-	cmd.group = groupOperate
-	cmd.summary = "a cell's memory, CPU and task figures, as JSON"
-	cmd.args = "ID"
-	cmd.long = `
+	cmd := c.cellVerb("stats", "a cell's memory, CPU and task figures, as JSON", "ID", `
 Stats prints cell ID's figures as JSON: memoryBytes (in use inside the sandbox), pids (its
 tasks), and cpuNanos and hostMemoryBytes (what the cell costs the host, the sandbox's own
-overhead included).`
-	cmd.check = exactly(1)
-	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
-		st, err := b.Stats(ctx, id)
-		if err != nil {
-			return err
-		}
-		data, err := json.MarshalIndent(st, "", "  ")
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(c.stdout, "%s\n", data)
-		return nil
-	})
+overhead included).`,
+		exactly(1), func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
+			st, err := b.Stats(ctx, id)
+			if err != nil {
+				return err
+			}
+			data, err := json.MarshalIndent(st, "", "  ")
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stdout, "%s\n", data)
+			return nil
+		})
 	return cmd
 }
 
 func (c *cli) pauseCommand() *command {
-	cmd := newCommand("pause")
-	cmd.group = groupOperate
-	cmd.summary = "freeze every process of a cell"
-	cmd.args = "ID"
-	cmd.long = `
+	cmd := c.cellVerb("pause", "freeze every process of a cell", "ID", `
 Pause freezes every process of cell ID. A paused cell answers stats and can be deleted; exec into
-it and checkpoint of it are refused. Resume thaws it.`
-	cmd.check = exactly(1)
-	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
-		return b.Pause(ctx, id)
-	})
+it and checkpoint of it are refused. Resume thaws it.`,
+		exactly(1), func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
+			return b.Pause(ctx, id)
+		})
 	return cmd
 }
 
 func (c *cli) resumeCommand() *command {
-	cmd := newCommand("resume")
-	cmd.group = groupOperate
-	cmd.summary = "thaw a paused cell"
-	cmd.args = "ID"
-	cmd.long = `
-Resume thaws cell ID, which pause froze.`
-	cmd.check = exactly(1)
-	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
-		return b.Resume(ctx, id)
-	})
+	cmd := c.cellVerb("resume", "thaw a paused cell", "ID", `
+Resume thaws cell ID, which pause froze.`,
+		exactly(1), func(ctx context.Context, b *gvisor.Backend, id string, _ []string) error {
+			return b.Resume(ctx, id)
+		})
 	return cmd
 }
 
 func (c *cli) checkpointCommand() *command {
-	cmd := newCommand("checkpoint")
-	cmd.group = groupOperate
-	cmd.summary = "save a cell into a directory and stop it"
-	cmd.args = "ID DIR"
-	cmd.long = `
+	cmd := c.cellVerb("checkpoint", "save a cell into a directory and stop it", "ID DIR", `
 Checkpoint saves cell ID (its processes, memory and tmpfs contents) into DIR and stops it; it
 returns once the cell has stopped. 'cellrun restore DOC.json DIR' runs it on. The checkpointed
-cell has no exit status of its own and still needs delete. A paused cell is refused.`
-	cmd.check = exactly(2)
-	cmd.run = c.onCell(func(ctx context.Context, b *gvisor.Backend, id string, args []string) error {
-		if err := b.Checkpoint(ctx, id, args[0]); err != nil {
-			return err
-		}
-		fmt.Fprintf(c.stderr, "cellrun: cell %q checkpointed to %s and stopped; `cellrun restore DOC.json %s` runs it on\n", id, args[0], args[0])
-		return nil
-	})
+cell has no exit status of its own and still needs delete. A paused cell is refused.`,
+		exactly(2), func(ctx context.Context, b *gvisor.Backend, id string, args []string) error {
+			if err := b.Checkpoint(ctx, id, args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(c.stderr, "cellrun: cell %q checkpointed to %s and stopped; `cellrun restore DOC.json %s` runs it on\n", id, args[0], args[0])
+			return nil
+		})
 	return cmd
 }
 
@@ -248,23 +234,12 @@ Restore runs the cell DOC.json describes from the checkpoint image in DIR, and t
 does: streams its output, destroys it when it ends (unless --keep) and exits with its exit code.
 DOC.json describes the cell as it was checkpointed (the same mounts, root and resources); its id
 and lifetime are new, the lifetime counting from the restore.`
-	keep := cmd.flags.Bool("keep", false, "leave the bundle in place after the cell exits ('cellrun delete ID' removes it)")
 	cmd.check = exactly(2)
-	cmd.run = func(args []string) int {
-		doc, err := readDocument(args[0])
-		if err != nil {
-			return c.fail(err)
+	cmd.run = c.foreground(cmd, func(b *gvisor.Backend, args []string) launcher {
+		return func(ctx context.Context, doc *cellos.ExecutionCellDocument) (cellos.CellHandle, error) {
+			return b.Restore(ctx, doc, args[1])
 		}
-		b, err := c.foregroundBackend()
-		if err != nil {
-			return c.fail(err)
-		}
-		image := args[1]
-		restore := func(ctx context.Context, doc *cellos.ExecutionCellDocument) (cellos.CellHandle, error) {
-			return b.Restore(ctx, doc, image)
-		}
-		return runCell(b, restore, doc, *keep, c.stderr)
-	}
+	})
 	return cmd
 }
 

@@ -29,9 +29,19 @@ or runsc failed). SIGINT (Ctrl-C), SIGTERM and SIGHUP destroy the cell, --keep o
 
 While it runs, the cell is one of the bundle root's: the operating verbs (exec, kill, stats, ...)
 reach it by its id from another terminal.`
-	keep := cmd.flags.Bool("keep", false, "leave the bundle in place after the cell exits ('cellrun delete ID' removes it)")
 	cmd.check = exactly(1)
-	cmd.run = func(args []string) int {
+	cmd.run = c.foreground(cmd, func(b *gvisor.Backend, _ []string) launcher { return b.Create })
+	return cmd
+}
+
+// launcher creates a cell: Create, or Restore from an image.
+type launcher = func(context.Context, *cellos.ExecutionCellDocument) (cellos.CellHandle, error)
+
+// foreground is the run of run and restore: the cell of DOC.json (the first argument) launched
+// by what launch returns, run to its end with its output on cellrun's; --keep is cmd's flag.
+func (c *cli) foreground(cmd *command, launch func(b *gvisor.Backend, args []string) launcher) func([]string) int {
+	keep := cmd.flags.Bool("keep", false, "leave the bundle in place after the cell exits ('cellrun delete ID' removes it)")
+	return func(args []string) int {
 		doc, err := readDocument(args[0])
 		if err != nil {
 			return c.fail(err)
@@ -40,9 +50,8 @@ reach it by its id from another terminal.`
 		if err != nil {
 			return c.fail(err)
 		}
-		return runCell(b, b.Create, doc, *keep, c.stderr)
+		return runCell(b, launch(b, args), doc, *keep, c.stderr)
 	}
-	return cmd
 }
 
 func (c *cli) configCommand() *command {
