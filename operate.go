@@ -89,6 +89,18 @@ func (b *Backend) live(ctx context.Context, op, id string) (*cell, error) {
 	return c, nil
 }
 
+// running returns the tracked cell id once runsc runs it, or the operation's error.
+func (b *Backend) running(ctx context.Context, op, id string) (*cell, error) {
+	c, err := b.live(ctx, op, id)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.awaitStarted(ctx, op, c); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // notRunning is the error of an operation on a cell that has exited.
 func notRunning(op string, c *cell) error {
 	how := fmt.Sprintf("it has exited (%s, code %d)", c.status.Reason, c.status.Code)
@@ -188,11 +200,8 @@ func (b *Backend) Exec(ctx context.Context, cellID string, run cellos.RunSpec, s
 	if err := b.checkUser(op, cellID, run.User); err != nil {
 		return cellos.ExitStatus{}, err
 	}
-	c, err := b.live(ctx, op, cellID)
+	c, err := b.running(ctx, op, cellID)
 	if err != nil {
-		return cellos.ExitStatus{}, err
-	}
-	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return cellos.ExitStatus{}, err
 	}
 	var spec specs.Spec
@@ -392,11 +401,8 @@ func (b *Backend) Signal(ctx context.Context, cellID string, sig syscall.Signal)
 	if sig <= 0 || sig > 64 {
 		return cellos.Errorf(op, cellID, cellos.ErrInvalidSpec, "%d is not a signal number (1-64)", int(sig))
 	}
-	c, err := b.live(ctx, op, cellID)
+	c, err := b.running(ctx, op, cellID)
 	if err != nil {
-		return err
-	}
-	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return err
 	}
 	mctx, cancel := management(ctx)
@@ -428,11 +434,8 @@ type Stats struct {
 // Stats returns the running cell's resource figures.
 func (b *Backend) Stats(ctx context.Context, cellID string) (Stats, error) {
 	const op = "stats"
-	c, err := b.live(ctx, op, cellID)
+	c, err := b.running(ctx, op, cellID)
 	if err != nil {
-		return Stats{}, err
-	}
-	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return Stats{}, err
 	}
 	mctx, cancel := management(ctx)
@@ -470,11 +473,8 @@ func (b *Backend) Stats(ctx context.Context, cellID string) (Stats, error) {
 // Checkpoint refuses it (runsc would save it without stopping it).
 func (b *Backend) Pause(ctx context.Context, cellID string) error {
 	const op = "pause"
-	c, err := b.live(ctx, op, cellID)
+	c, err := b.running(ctx, op, cellID)
 	if err != nil {
-		return err
-	}
-	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return err
 	}
 	// The marker comes first: a crash after the pause must not leave a cell Destroy cannot kill.
@@ -495,11 +495,8 @@ func (b *Backend) Pause(ctx context.Context, cellID string) error {
 // Resume thaws a cell that Pause froze.
 func (b *Backend) Resume(ctx context.Context, cellID string) error {
 	const op = "resume"
-	c, err := b.live(ctx, op, cellID)
+	c, err := b.running(ctx, op, cellID)
 	if err != nil {
-		return err
-	}
-	if err := b.awaitStarted(ctx, op, c); err != nil {
 		return err
 	}
 	mctx, cancel := management(ctx)
