@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cellos/cellos-host-gvisor/internal/shim"
+	"github.com/cellos/cellos-host-gvisor/internal/testkit"
 
 	"github.com/cellos/cellos-host-gvisor/internal/bundle"
 
@@ -48,22 +49,7 @@ type fakeEnv struct {
 // fakeOutput is what WithOutput received for one cell.
 type fakeOutput struct{ stdout, stderr fakeBuffer }
 
-type fakeBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (f *fakeBuffer) Write(p []byte) (int, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.buf.Write(p)
-}
-
-func (f *fakeBuffer) String() string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.buf.String()
-}
+type fakeBuffer = testkit.Buffer
 
 // fakeSetup points the library at the fake and a fresh bundle root (which does not exist yet)
 // and checks at cleanup that nothing of the test's cells is left.

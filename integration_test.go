@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -20,26 +19,13 @@ import (
 
 	gvisor "github.com/cellos/cellos-host-gvisor"
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/testkit"
 )
 
 // requireRunsc skips a test that needs the real runsc when it is absent, unless
 // CELLOS_REQUIRE_RUNSC=1 (set by CI and `make test`), which turns the skip into a failure.
 // The runsc they use is the library's: $CELLOS_GVISOR_RUNSC_BIN, else runsc on $PATH.
-func requireRunsc(t testing.TB) string {
-	t.Helper()
-	bin := os.Getenv(gvisor.EnvRunscBin)
-	if bin == "" {
-		bin = "runsc"
-	}
-	path, err := exec.LookPath(bin)
-	if err != nil {
-		if os.Getenv("CELLOS_REQUIRE_RUNSC") == "1" {
-			t.Fatalf("runsc is required (CELLOS_REQUIRE_RUNSC=1) but not found: %v", err)
-		}
-		t.Skipf("runsc not found: %v", err)
-	}
-	return path
-}
+func requireRunsc(t testing.TB) string { return testkit.Runsc(t) }
 
 // TestMain keeps an operator's bundle root override away from the tests: each test uses a
 // private root of its own.
@@ -59,28 +45,7 @@ type realEnv struct {
 
 type outPair struct{ stdout, stderr syncBuffer }
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
-}
-
-func (s *syncBuffer) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Len()
-}
+type syncBuffer = testkit.Buffer
 
 func newRealEnv(t testing.TB, opts ...gvisor.Option) *realEnv {
 	t.Helper()

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -17,22 +16,11 @@ import (
 
 	gvisor "github.com/cellos/cellos-host-gvisor"
 	"github.com/cellos/cellos-host-gvisor/cellos"
+	"github.com/cellos/cellos-host-gvisor/internal/testkit"
 )
 
 // requireRunsc skips without runsc, unless CELLOS_REQUIRE_RUNSC=1 makes that a failure.
-func requireRunsc(t *testing.T) {
-	t.Helper()
-	bin := os.Getenv(gvisor.EnvRunscBin)
-	if bin == "" {
-		bin = "runsc"
-	}
-	if _, err := exec.LookPath(bin); err != nil {
-		if os.Getenv("CELLOS_REQUIRE_RUNSC") == "1" {
-			t.Fatalf("runsc is required (CELLOS_REQUIRE_RUNSC=1) but not found: %v", err)
-		}
-		t.Skipf("runsc not found: %v", err)
-	}
-}
+func requireRunsc(t *testing.T) { testkit.Runsc(t) }
 
 // runCLI runs cellrun with args and returns its exit code and output.
 func runCLI(args ...string) (int, string, string) {

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cellos/cellos-host-gvisor/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
@@ -116,18 +117,7 @@ func needRoot(t testing.TB) {
 func runscBin(t testing.TB) string {
 	t.Helper()
 	needRoot(t)
-	bin := os.Getenv("CELLOS_GVISOR_RUNSC_BIN")
-	if bin == "" {
-		bin = "runsc"
-	}
-	p, err := exec.LookPath(bin)
-	if err != nil {
-		if os.Getenv("CELLOS_REQUIRE_RUNSC") == "1" {
-			t.Fatalf("runsc is required (CELLOS_REQUIRE_RUNSC=1) but not found: %v", err)
-		}
-		t.Skipf("no runsc: %v", err)
-	}
-	return p
+	return testkit.Runsc(t)
 }
 
 // nsID names the network namespace of a namespace file or /proc/<pid>/ns/net link, as
