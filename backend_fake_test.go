@@ -590,6 +590,7 @@ func TestFakeRunscCannotStart(t *testing.T) {
 	_, err = e.wait(id)
 	require.ErrorIs(t, err, cellos.ErrNotTracked)
 	require.Len(t, e.calls("run"), 1, "only the first cell ran")
+	require.NoError(t, e.b.Close(context.Background())) // the spare shim a live Backend keeps is no leftover
 	require.Empty(t, e.leftovers())
 }
 
