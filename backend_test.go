@@ -991,7 +991,7 @@ func TestFakeTTL(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, cellos.ExitStatus{Code: 137, Signal: 9, Reason: cellos.ExitDeadlineExceeded}, st)
 	require.GreaterOrEqual(t, took, time.Second)
-	require.Less(t, took, 4*time.Second)
+	require.Less(t, took, 30*time.Second, "the lifetime is enforced (bound for a loaded machine)")
 	require.True(t, e.hasCall("kill", e.runscID(id), "KILL"), "the shim kills through runsc: %v", e.calls(""))
 	require.False(t, fakeAlive(w))
 	e.destroy(id)

@@ -286,7 +286,7 @@ func TestRunCLI(t *testing.T) {
 	code, out, errOut := runCLI("--bundle-root", root, "run", doc)
 	assert.Equal(t, 3, code, errOut)
 	assert.Equal(t, "out\n", out)
-	assert.Regexp(t, `^err\ncellrun: cell "cli-run" ended: exited \(code 3\) in \d+ms; teardown: destroyed, 0 cells tracked after\n$`, errOut)
+	assert.Regexp(t, `^err\ncellrun: cell "cli-run" ended: exited \(code 3\) in [0-9.]+m?s; teardown: destroyed, 0 cells tracked after\n$`, errOut)
 
 	code, out, errOut = runCLI("run", "--bundle-root="+root, "--keep", doc)
 	assert.Equal(t, 3, code, errOut)
