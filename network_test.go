@@ -116,7 +116,7 @@ for t in json.load(open("/ctl/targets.json")):
             s = socket.create_connection((t["host"], t["port"]), timeout=3)
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-            s.connect((t["host"], t["port"])); s.Send(("ping " + t["name"]).encode())
+            s.connect((t["host"], t["port"])); s.send(("ping " + t["name"]).encode())
         s.settimeout(3)
         data = s.recv(100).decode().strip().replace(" ", "_")
         s.close()

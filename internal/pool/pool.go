@@ -716,8 +716,11 @@ func RemoveSandbox(r *runsc.Runsc, id string) error {
 }
 
 // Close stops the filler and deletes every idle sandbox with its directory; ctx bounds the wait.
-// It is idempotent and safe for concurrent use.
+// It is idempotent, safe for concurrent use, and a no-op on a nil pool.
 func (p *Pool) Close(ctx context.Context) error {
+	if p == nil {
+		return nil
+	}
 	p.mu.Lock()
 	if p.closed {
 		closing := p.closing
