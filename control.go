@@ -97,5 +97,7 @@ func probeAbstract(ctx context.Context, r runsc.Runsc, host []HostEntry) (bool, 
 	if r.Platform != "" {
 		extra = append(extra, "--platform="+r.Platform)
 	}
-	return ctlns.ProbeAbstract(ctx, r.Path, tmp, extra...)
+	return ctlns.ProbeAbstract(ctx, func(ctx context.Context, args ...string) (string, error) {
+		return r.Output(ctx, tmp, args...)
+	}, tmp, extra...)
 }

@@ -62,7 +62,7 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	case "probe":
 		// ProbeAbstract(os.Args[1] (runsc), os.Args[2] (bundle)); print the result.
-		found, err := ProbeAbstract(testContext(), os.Args[1], os.Args[2])
+		found, err := ProbeAbstract(testContext(), runner(os.Args[1], os.Args[2]), os.Args[2])
 		if err != nil {
 			fmt.Println(err)
 			os.Exit(1)
@@ -311,4 +311,30 @@ func gofers(needle string) []int {
 		}
 	}
 	return pids
+}
+
+// runner runs the runsc binary in dir for ProbeAbstract, its output to a file.
+func runner(runsc, dir string) Runner {
+	return func(ctx context.Context, args ...string) (string, error) { return runRunsc(ctx, runsc, dir, args) }
+}
+
+// runRunsc runs runsc with args, its output to a file rather than a pipe: a sandbox it creates
+// inherits the output and would hold a pipe open.
+func runRunsc(ctx context.Context, runsc, dir string, args []string) (string, error) {
+	out, err := os.CreateTemp("", "ctlns-probe-out-")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(out.Name())
+	defer out.Close()
+	cmd := exec.CommandContext(ctx, runsc, args...)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.WaitDelay = time.Second
+	runErr := cmd.Run()
+	b, _ := os.ReadFile(out.Name())
+	if len(b) > 2000 {
+		b = b[len(b)-2000:]
+	}
+	return string(bytes.TrimSpace(b)), runErr
 }

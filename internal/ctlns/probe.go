@@ -5,7 +5,6 @@ package ctlns
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -14,7 +13,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -70,16 +68,17 @@ func scanAbstract(r io.Reader, name string) ([]string, error) {
 	return addrs, s.Err()
 }
 
-// ProbeAbstract finds out whether the runsc binary at runsc serves abstract control sockets
-// that callers in this network namespace can reach, by experiment: it runs (run --detach) a
+// ProbeAbstract finds out whether a runsc binary (run, which runs it) serves abstract control
+// sockets that callers in this network namespace can reach, by experiment: it runs (run --detach) a
 // sandbox of the OCI bundle at bundle under a fresh id and state root, with
 // --rootless --network=none --ignore-cgroups and extra (e.g. --platform), looks for
 // ControlSocket(id) in /proc/thread-self/net/unix, and force-deletes the sandbox. (runsc refuses
 // "create" with --rootless, so the sandbox runs.) bundle must hold a config.json and rootfs
 // readable by the caller whose process keeps running until killed (e.g. /bin/sleep 60): a
 // sandbox that is gone before the probe looks gives an error, not an answer. It works as root
-// and as an unprivileged user. Each call runs runsc (~0.2 s): cache the result per binary.
-func ProbeAbstract(ctx context.Context, runsc, bundle string, extra ...string) (found bool, err error) {
+// and as an unprivileged user. Each call runs runsc (~0.2 s): cache the result per binary. run's
+// output must not be a pipe (the sandbox would inherit it and hold it open).
+func ProbeAbstract(ctx context.Context, run Runner, bundle string, extra ...string) (found bool, err error) {
 	root, err := os.MkdirTemp("", "ctlns-probe-")
 	if err != nil {
 		return false, err
@@ -96,59 +95,41 @@ func ProbeAbstract(ctx context.Context, runsc, bundle string, extra ...string) (
 	// Global flags any user can run with.
 	global := append([]string{"--root", root, "--rootless", "--network=none", "--ignore-cgroups"}, extra...)
 	cmd := func(args ...string) []string { return append(slices.Clip(global), args...) }
-	out, runErr := runRunsc(ctx, runsc, bundle, cmd("run", "--detach", "--bundle", bundle, id))
+	out, runErr := run(ctx, cmd("run", "--detach", "--bundle", bundle, id)...)
 	// Whatever run did, leave no sandbox behind.
 	defer func() {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		dout, derr := runRunsc(dctx, runsc, bundle, cmd("delete", "--force", id))
+		dout, derr := run(dctx, cmd("delete", "--force", id)...)
 		if derr != nil && runErr == nil && err == nil {
 			err = fmt.Errorf("deleting the probe sandbox: %w: %s", derr, dout)
 		}
 	}()
 	if runErr != nil {
-		return false, fmt.Errorf("probing %s (runsc run): %w: %s", runsc, runErr, out)
+		return false, fmt.Errorf("probing runsc (runsc run): %w: %s", runErr, out)
 	}
 	if found, err := ServesAbstractSocket(id); found || err != nil {
 		return found, err
 	}
 	// No abstract socket: an answer only if the sandbox was running when the probe looked.
-	out, err = runRunsc(ctx, runsc, bundle, cmd("state", id))
+	out, err = run(ctx, cmd("state", id)...)
 	if err != nil {
-		return false, fmt.Errorf("probing %s (runsc state): %w: %s", runsc, err, out)
+		return false, fmt.Errorf("probing runsc (runsc state): %w: %s", err, out)
 	}
 	var st struct {
 		Status string `json:"status"`
 	}
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		return false, fmt.Errorf("probing %s: reading runsc state: %w: %s", runsc, err, out)
+		return false, fmt.Errorf("probing runsc: reading runsc state: %w: %s", err, out)
 	}
 	if st.Status != "running" {
-		return false, fmt.Errorf("probing %s: the probe sandbox is %q, not running: its process must keep running", runsc, st.Status)
+		return false, fmt.Errorf("probing runsc: the probe sandbox is %q, not running: its process must keep running", st.Status)
 	}
 	return false, nil
 }
 
-// runRunsc runs runsc with args, its output to a file rather than a pipe: a sandbox it creates
-// inherits the output and would hold a pipe open.
-func runRunsc(ctx context.Context, runsc, dir string, args []string) (string, error) {
-	out, err := os.CreateTemp("", "ctlns-probe-out-")
-	if err != nil {
-		return "", err
-	}
-	defer os.Remove(out.Name())
-	defer out.Close()
-	cmd := exec.CommandContext(ctx, runsc, args...)
-	cmd.Dir = dir
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.WaitDelay = time.Second
-	runErr := cmd.Run()
-	b, _ := os.ReadFile(out.Name())
-	if len(b) > 2000 {
-		b = b[len(b)-2000:]
-	}
-	return string(bytes.TrimSpace(b)), runErr
-}
+// Runner runs runsc with args and returns its output (combined, trimmed) and how it ended.
+type Runner func(ctx context.Context, args ...string) (string, error)
 
 // removeRoot removes a probe's state root. Some runsc versions leave a namespace bind mount
 // there (null-netns): unmount what is mounted first.

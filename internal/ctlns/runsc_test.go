@@ -118,7 +118,7 @@ func TestControlSocket(t *testing.T) {
 	probeBundle := filepath.Join(publicDir(t), "bundle")
 	writeBundle(t, probeBundle, "", "/bin/sleep", "60")
 	start := time.Now()
-	found, err := ProbeAbstract(testContext(), bin, probeBundle)
+	found, err := ProbeAbstract(testContext(), runner(bin, probeBundle), probeBundle)
 	if err != nil {
 		t.Fatal(err)
 	}

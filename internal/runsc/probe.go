@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"regexp"
 	"slices"
 	"strings"
@@ -188,8 +187,7 @@ func Parse(path, version, flags string) (*Probed, error) {
 // probeRun runs the binary with one argument and returns what it printed on stdout and stderr
 // (runsc prints `flags` on stderr).
 func probeRun(ctx context.Context, path, arg string) ([]byte, error) {
-	cmd := exec.CommandContext(ctx, path, arg)
-	cmd.WaitDelay = time.Second
+	cmd := (&Runsc{Path: path}).Command(ctx, arg)
 	cmd.Dir = "/"
 	var out BoundedBuffer
 	out.Max = MaxCapture

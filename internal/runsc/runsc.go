@@ -142,6 +142,27 @@ func (r *Runsc) Run(cmd *exec.Cmd) error {
 	return cmd.Wait()
 }
 
+// Output runs runsc with args (no global flags added) in dir and returns what it printed, trimmed
+// to its last 2000 bytes. The output goes to a file, never a pipe: a sandbox runsc starts inherits
+// it and would hold a pipe open.
+func (r *Runsc) Output(ctx context.Context, dir string, args ...string) (string, error) {
+	out, err := os.CreateTemp("", "cellos-runsc-out-")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(out.Name())
+	defer out.Close()
+	cmd := r.Command(ctx, args...)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = out, out
+	runErr := r.Run(cmd)
+	b, _ := os.ReadFile(out.Name())
+	if len(b) > 2000 {
+		b = b[len(b)-2000:]
+	}
+	return string(bytes.TrimSpace(b)), runErr
+}
+
 // Error is a failed runsc invocation: its arguments, exit code and what it printed.
 type Error struct {
 	Args     []string
