@@ -1,35 +1,21 @@
 package gvisor
 
 import (
+	"os"
 	"testing"
 
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// typicalDocument is the cell document format's example without egress: a realistic document with every
-// section filled in.
-const typicalDocument = `{
-  "apiVersion": "cellos.dev/v1",
-  "kind": "ExecutionCell",
-  "spec": {
-    "id": "build-42",
-    "run": {
-      "argv": ["/bin/sh", "-c", "echo hello"],
-      "env": {"LANG": "C.UTF-8"},
-      "workingDir": "/",
-      "user": {"uid": 65534, "gid": 65534}
-    },
-    "rootfs": {"path": "/srv/images/alpine", "writable": false},
-    "mounts": [
-      {"type": "bind", "source": "/srv/data", "destination": "/data", "readOnly": true},
-      {"type": "tmpfs", "destination": "/scratch", "sizeBytes": 67108864}
-    ],
-    "resources": {"memoryBytes": 268435456, "cpuMillis": 500, "pids": 0},
-    "network": {"egress": []},
-    "lifetime": {"ttlSeconds": 30},
-    "labels": {"team": "ci"}
-  }
-}`
+// typicalDocument is the cell document format's example (testdata/documents/design-example.json):
+// a realistic document with every section filled in.
+var typicalDocument = func() string {
+	data, err := os.ReadFile("testdata/documents/design-example.json")
+	if err != nil {
+		panic(err)
+	}
+	return string(data)
+}()
 
 func BenchmarkParseDocument(b *testing.B) {
 	data := []byte(typicalDocument)

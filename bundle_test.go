@@ -42,6 +42,22 @@ func goldenHost() []HostEntry {
 }
 
 // goldenCase is one document whose config.json is kept in testdata/golden/<name>.json.
+// designExampleSpec is the spec of the cell document format's example
+// (testdata/documents/design-example.json), as a goldenCase's doc.
+func designExampleSpec() string {
+	data, err := os.ReadFile("testdata/documents/design-example.json")
+	if err != nil {
+		panic(err)
+	}
+	var doc struct {
+		Spec json.RawMessage `json:"spec"`
+	}
+	if err := json.Unmarshal(data, &doc); err != nil {
+		panic(err)
+	}
+	return string(doc.Spec)
+}
+
 type goldenCase struct {
 	name    string
 	doc     string // the document's spec; the header is added by parseSpec
@@ -50,24 +66,7 @@ type goldenCase struct {
 
 var goldenCases = []goldenCase{
 	{name: "minimal", doc: `{"id": "minimal", "run": {"argv": ["/bin/true"]}}`},
-	{name: "design-example", cgroups: true, doc: `{
-		"id": "build-42",
-		"run": {
-			"argv": ["/bin/sh", "-c", "echo hello"],
-			"env": {"LANG": "C.UTF-8"},
-			"workingDir": "/",
-			"user": {"uid": 65534, "gid": 65534}
-		},
-		"rootfs": {"path": "/srv/images/alpine", "writable": false},
-		"mounts": [
-			{"type": "bind", "source": "/srv/data", "destination": "/data", "readOnly": true},
-			{"type": "tmpfs", "destination": "/scratch", "sizeBytes": 67108864}
-		],
-		"resources": {"memoryBytes": 268435456, "cpuMillis": 500, "pids": 0},
-		"network": {"egress": []},
-		"lifetime": {"ttlSeconds": 30},
-		"labels": {"team": "ci"}
-	}`},
+	{name: "design-example", cgroups: true, doc: designExampleSpec()},
 	{name: "writable-rootfs", doc: `{
 		"id": "image-rw",
 		"run": {"argv": ["/bin/sh", "-c", "touch /x"]},

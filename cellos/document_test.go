@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -14,29 +15,15 @@ import (
 	"github.com/cellos/cellos-host-gvisor/cellos"
 )
 
-// exampleDoc is the example document of the cell document format, verbatim.
-const exampleDoc = `{
-  "apiVersion": "cellos.dev/v1",
-  "kind": "ExecutionCell",
-  "spec": {
-    "id": "build-42",
-    "run": {
-      "argv": ["/bin/sh", "-c", "echo hello"],
-      "env": {"LANG": "C.UTF-8"},
-      "workingDir": "/",
-      "user": {"uid": 65534, "gid": 65534}
-    },
-    "rootfs": {"path": "/srv/images/alpine", "writable": false},
-    "mounts": [
-      {"type": "bind", "source": "/srv/data", "destination": "/data", "readOnly": true},
-      {"type": "tmpfs", "destination": "/scratch", "sizeBytes": 67108864}
-    ],
-    "resources": {"memoryBytes": 268435456, "cpuMillis": 500, "pids": 0},
-    "network": {"egress": []},
-    "lifetime": {"ttlSeconds": 30},
-    "labels": {"team": "ci"}
-  }
-}`
+// exampleDoc is the example document of the cell document format, verbatim
+// (testdata/documents/design-example.json).
+var exampleDoc = func() string {
+	data, err := os.ReadFile("../testdata/documents/design-example.json")
+	if err != nil {
+		panic(err)
+	}
+	return string(data)
+}()
 
 // exampleWithEgress is the example with the egress rule the format's example shows: valid as a document (the
 // gVisor backend refuses it later with ErrUnsupported, not Validate).
