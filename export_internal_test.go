@@ -1,12 +1,9 @@
 package gvisor
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
-	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -34,7 +31,3 @@ func ownedDir(t testing.TB, path string) *owned.Dir {
 	t.Cleanup(func() { _ = d.Close() })
 	return d
 }
-
-func bufioReader(s string) *bufio.Reader { return bufio.NewReader(strings.NewReader(s)) }
-
-var errEOF = io.EOF
