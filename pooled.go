@@ -341,9 +341,9 @@ func (b *Backend) signalCell(ctx context.Context, c *cell, sig syscall.Signal) e
 	if !runsc.IsPoolID(c.paths.runscID) {
 		return c.runsc.Kill(ctx, c.paths.runscID, strconv.Itoa(int(sig)))
 	}
-	pidFile := filepath.Join(c.paths.bundle, bundle.WorkloadPid)
+	// A pid inside the sandbox, written by runsc: it can only name a process of this sandbox.
 	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
-		data, err := os.ReadFile(pidFile)
+		data, err := c.dir.ReadFile(bundle.WorkloadPid, 64)
 		if pid, perr := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && perr == nil && pid > 0 {
 			return c.runsc.KillProcess(ctx, c.paths.runscID, pid, strconv.Itoa(int(sig)))
 		}
