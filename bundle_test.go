@@ -42,31 +42,36 @@ func goldenHost() []HostEntry {
 }
 
 // goldenCase is one document whose config.json is kept in testdata/golden/<name>.json.
-// designExampleSpec is the spec of the cell document format's example
-// (testdata/documents/design-example.json), as a goldenCase's doc.
-func designExampleSpec() string {
-	data, err := os.ReadFile("testdata/documents/design-example.json")
+type goldenCase struct {
+	name    string
+	doc     string // the document's spec; the header is added by parseSpec
+	docFile string // or: a cell document file whose spec is the case's (read by spec, not at init)
+	cgroups bool   // the backend would give the cell cgroups (SpecInputs.CgroupsPath)
+}
+
+// spec is the case's spec: doc, or the spec of docFile. Files are read here rather than at init:
+// the test binary also runs as shims, whose working directory is not the package's.
+func (c goldenCase) spec(t testing.TB) string {
+	t.Helper()
+	if c.docFile == "" {
+		return c.doc
+	}
+	data, err := os.ReadFile(c.docFile)
 	if err != nil {
-		panic(err)
+		t.Fatal(err)
 	}
 	var doc struct {
 		Spec json.RawMessage `json:"spec"`
 	}
 	if err := json.Unmarshal(data, &doc); err != nil {
-		panic(err)
+		t.Fatalf("%s: %v", c.docFile, err)
 	}
 	return string(doc.Spec)
 }
 
-type goldenCase struct {
-	name    string
-	doc     string // the document's spec; the header is added by parseSpec
-	cgroups bool   // the backend would give the cell cgroups (SpecInputs.CgroupsPath)
-}
-
 var goldenCases = []goldenCase{
 	{name: "minimal", doc: `{"id": "minimal", "run": {"argv": ["/bin/true"]}}`},
-	{name: "design-example", cgroups: true, doc: designExampleSpec()},
+	{name: "design-example", cgroups: true, docFile: "testdata/documents/design-example.json"},
 	{name: "writable-rootfs", doc: `{
 		"id": "image-rw",
 		"run": {"argv": ["/bin/sh", "-c", "touch /x"]},
@@ -120,7 +125,7 @@ func (c goldenCase) inputs(doc *cellos.ExecutionCellDocument) SpecInputs {
 // build returns the config.json of the case.
 func (c goldenCase) build(t testing.TB) []byte {
 	t.Helper()
-	doc := parseSpec(t, c.doc)
+	doc := parseSpec(t, c.spec(t))
 	data, err := MarshalSpec(BuildSpec(doc, c.inputs(doc)))
 	require.NoError(t, err)
 	return data
@@ -211,7 +216,7 @@ func decodeSpec(t testing.TB, data []byte) *specs.Spec {
 func TestSpecInvariants(t *testing.T) {
 	for _, c := range goldenCases {
 		t.Run(c.name, func(t *testing.T) {
-			doc := parseSpec(t, c.doc)
+			doc := parseSpec(t, c.spec(t))
 			s := &doc.Spec
 			data := c.build(t)
 			spec := decodeSpec(t, data)
@@ -486,7 +491,7 @@ func TestSchemaConfig(t *testing.T) {
 		})
 	}
 	t.Run("this host", func(t *testing.T) {
-		doc := parseSpec(t, goldenCases[0].doc)
+		doc := parseSpec(t, goldenCases[0].spec(t))
 		data, err := MarshalSpec(BuildSpec(doc, SpecInputs{HostSystem: ProbeHostSystem(), CgroupsPath: "/cellos/minimal"}))
 		require.NoError(t, err)
 		assert.NoError(t, validateConfig(sch, data))
