@@ -17,6 +17,7 @@ const (
 	MaxEnv           = 4096      // entries in run.env
 	MaxArgEnvBytes   = 256 << 10 // argv and env together, as the process sees them
 	MaxPathBytes     = 4096      // any path
+	MaxImageRefBytes = 4096      // rootfs.image
 	MaxMounts        = 64
 	MaxLabels        = 64
 	MaxLabelValue    = 4096
@@ -137,11 +138,20 @@ func (d *ExecutionCellDocument) Validate() error {
 	if !ValidID(s.ID) {
 		v.add("spec.id", "%q must match %s (letters, digits, '_', '.', '-'; at most 64; no leading '-' or '.')", truncate(s.ID, 80), idPattern)
 	}
-	v.run(&s.Run)
-	if s.Rootfs != nil {
-		v.absPath("spec.rootfs.path", s.Rootfs.Path)
-		if s.Rootfs.Path == "/" {
-			v.add("spec.rootfs.path", "the host's root directory cannot be a cell image")
+	v.run(&s.Run, s.Rootfs != nil && s.Rootfs.Image != "")
+	if r := s.Rootfs; r != nil {
+		switch {
+		case r.Image != "" && r.Path != "":
+			v.add("spec.rootfs", "path and image are exclusive: give one")
+		case r.Image != "":
+			v.imageRef("spec.rootfs.image", r.Image)
+		case r.Path == "":
+			v.add("spec.rootfs.path", "is required, or spec.rootfs.image")
+		default:
+			v.absPath("spec.rootfs.path", r.Path)
+			if r.Path == "/" {
+				v.add("spec.rootfs.path", "the host's root directory cannot be a cell image")
+			}
 		}
 	}
 	v.mounts(s.Mounts, s.Rootfs == nil)
@@ -270,9 +280,29 @@ func (v *validator) pathProblem(field, p string) {
 	}
 }
 
-func (v *validator) run(r *RunSpec) {
+// imageRef checks what can be checked of an image reference without parsing it: the backend
+// parses it when it resolves the image, and refuses what does not parse there, naming the field.
+func (v *validator) imageRef(field, ref string) {
+	if len(ref) > MaxImageRefBytes {
+		v.add(field, "%d bytes, the limit is %d", len(ref), MaxImageRefBytes)
+		return
+	}
+	for _, c := range ref {
+		if c <= ' ' || c == 0x7f || c == '\uFFFD' {
+			v.add(field, "%q contains a space, a control character or invalid UTF-8", truncate(ref, 256))
+			return
+		}
+	}
+}
+
+// run checks the process. With an image root, argv may be absent (nil): the image's
+// Entrypoint+Cmd run then; an empty list is still refused.
+func (v *validator) run(r *RunSpec, image bool) {
 	total := 0
 	switch {
+	case r.Argv == nil && image:
+	case len(r.Argv) == 0 && image:
+		v.add("spec.run.argv", "must not be empty; leave it out to run the image's entrypoint and command")
 	case len(r.Argv) == 0:
 		v.add("spec.run.argv", "is required and must not be empty")
 	case len(r.Argv) > MaxArgs:

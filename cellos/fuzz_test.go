@@ -149,8 +149,11 @@ func checkAccepted(t *testing.T, doc *cellos.ExecutionCellDocument) {
 	require.Equal(t, cellos.APIVersion, doc.APIVersion)
 	require.Equal(t, cellos.Kind, doc.Kind)
 	require.Regexp(t, fuzzIDPattern, doc.Spec.ID)
-	require.NotEmpty(t, doc.Spec.Run.Argv)
-	require.NotEmpty(t, doc.Spec.Run.Argv[0])
+	image := doc.Spec.Rootfs != nil && doc.Spec.Rootfs.Image != ""
+	if !image || doc.Spec.Run.Argv != nil {
+		require.NotEmpty(t, doc.Spec.Run.Argv)
+		require.NotEmpty(t, doc.Spec.Run.Argv[0])
+	}
 	for _, m := range doc.Spec.Mounts {
 		require.True(t, path.IsAbs(m.Destination), "mount destination %q", m.Destination)
 		require.Equal(t, path.Clean(m.Destination), m.Destination)
@@ -160,8 +163,11 @@ func checkAccepted(t *testing.T, doc *cellos.ExecutionCellDocument) {
 			require.True(t, path.IsAbs(m.Source) && path.Clean(m.Source) == m.Source, "bind source %q", m.Source)
 		}
 	}
-	if r := doc.Spec.Rootfs; r != nil {
+	if r := doc.Spec.Rootfs; r != nil && !image {
 		require.True(t, path.IsAbs(r.Path) && path.Clean(r.Path) == r.Path && r.Path != "/", "rootfs %q", r.Path)
+	} else if image {
+		require.Empty(t, r.Path, "path and image are exclusive")
+		require.LessOrEqual(t, len(r.Image), cellos.MaxImageRefBytes)
 	}
 	require.True(t, path.IsAbs(doc.Spec.Run.EffectiveWorkingDir()))
 }

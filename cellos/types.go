@@ -29,7 +29,7 @@ type CellSpec struct {
 
 // RunSpec is the process a cell runs.
 type RunSpec struct {
-	Argv       []string          `json:"argv"`
+	Argv       []string          `json:"argv,omitempty"` // required, unless the root is an image (then its Entrypoint+Cmd)
 	Env        map[string]string `json:"env,omitempty"`
 	WorkingDir string            `json:"workingDir,omitempty"` // absolute; default "/"
 	User       *UserSpec         `json:"user,omitempty"`       // default 65534:65534
@@ -41,10 +41,13 @@ type UserSpec struct {
 	GID uint32 `json:"gid"`
 }
 
-// RootfsSpec selects an image directory as the cell's root.
+// RootfsSpec selects the cell's root: a directory (Path) or an OCI image (Image), exactly one.
 type RootfsSpec struct {
-	Path     string `json:"path"`
-	Writable bool   `json:"writable,omitempty"` // writes stay in memory, never reach Path
+	Path string `json:"path,omitempty"`
+	// Image is "REGISTRY/REPO:TAG", "REGISTRY/REPO@sha256:DIGEST" or "oci-layout:DIR[:TAG]". The
+	// image's config supplies what run leaves out: env, workingDir, user, and argv (Entrypoint+Cmd).
+	Image    string `json:"image,omitempty"`
+	Writable bool   `json:"writable,omitempty"` // writes stay in memory, never reach Path or the image
 }
 
 // MountSpec is one extra mount: "bind" (Source required, read-only unless ReadOnly is false) or
