@@ -18,7 +18,14 @@ import (
 // MountImage makes <bundle>/rootfs an overlay of the image directory with an upper layer on a
 // small tmpfs of the bundle's own. runsc creates mount points inside the root it is given, even a
 // read-only one; they land in the upper layer, never in the image.
-func MountImage(dir *owned.Dir, image string) error {
+func MountImage(dir *owned.Dir, image string) error { return MountLayers(dir, []string{image}) }
+
+// MountLayers makes <bundle>/rootfs an overlay of the layer directories, lowest first, with an
+// upper layer on a small tmpfs of the bundle's own, as MountImage does with one directory.
+func MountLayers(dir *owned.Dir, layers []string) error {
+	if len(layers) == 0 {
+		return errors.New("an overlay needs at least one layer")
+	}
 	ov, err := dir.Mkdir(Overlay, 0o700)
 	if err != nil {
 		return err
@@ -36,10 +43,79 @@ func MountImage(dir *owned.Dir, image string) error {
 			return err
 		}
 	}
-	opts := "lowerdir=" + image + ",upperdir=" + upper + ",workdir=" + work
-	// nosuid and nodev: a setuid binary or a device node in the image means nothing on the host.
-	if err := unix.Mount("overlay", filepath.Join(dir.Path(), Rootfs), "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
-		return fmt.Errorf("mounting the image %s as an overlay: %w", image, err)
+	target := filepath.Join(dir.Path(), Rootfs)
+	// overlayfs lists the uppermost lower layer first.
+	lower := slices.Clone(layers)
+	slices.Reverse(lower)
+	opts := "lowerdir=" + strings.Join(lower, ":") + ",upperdir=" + upper + ",workdir=" + work
+	if len(opts) < 4000 && !slices.ContainsFunc(lower, func(l string) bool { return strings.ContainsAny(l, overlayUnsafe) }) {
+		// nosuid and nodev: a setuid binary or a device node in the image means nothing on the host.
+		if err := unix.Mount("overlay", target, "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
+			return fmt.Errorf("mounting %s as an overlay: %w", describeLayers(layers), err)
+		}
+		return nil
+	}
+	// Too long for mount(2)'s one page of options, or a path it cannot express: the mount API
+	// takes one layer per call, unescaped (Linux 6.8+).
+	if err := mountOverlayAPI(target, lower, upper, work); err != nil {
+		return fmt.Errorf("mounting %s as an overlay: %w", describeLayers(layers), err)
+	}
+	return nil
+}
+
+func describeLayers(layers []string) string {
+	if len(layers) == 1 {
+		return "the image " + layers[0]
+	}
+	return fmt.Sprintf("%d image layers", len(layers))
+}
+
+// fsconfigDir sets a directory parameter of an overlay by descriptor (Linux 6.13), which knows no
+// length limit; older kernels take a path of at most 256 bytes (lowerdir+ from Linux 6.8).
+func fsconfigDir(fsfd int, key, dir string) error {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	err = unix.FsconfigSetFd(fsfd, key, fd)
+	if err == nil || !errors.Is(err, unix.EINVAL) {
+		return err
+	}
+	if err := unix.FsconfigSetString(fsfd, key, dir); err != nil {
+		return fmt.Errorf("%w (by path, at most 256 bytes: needs Linux 6.8; by descriptor, any length: Linux 6.13)", err)
+	}
+	return nil
+}
+
+// mountOverlayAPI mounts an overlay through fsopen/fsconfig/fsmount/move_mount.
+func mountOverlayAPI(target string, lower []string, upper, work string) error {
+	fsfd, err := unix.Fsopen("overlay", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("fsopen: %w", err)
+	}
+	defer unix.Close(fsfd)
+	for _, l := range lower {
+		if err := fsconfigDir(fsfd, "lowerdir+", l); err != nil {
+			return fmt.Errorf("layer %s: %w", l, err)
+		}
+	}
+	if err := fsconfigDir(fsfd, "upperdir", upper); err != nil {
+		return fmt.Errorf("upperdir: %w", err)
+	}
+	if err := fsconfigDir(fsfd, "workdir", work); err != nil {
+		return fmt.Errorf("workdir: %w", err)
+	}
+	if err := unix.FsconfigCreate(fsfd); err != nil {
+		return fmt.Errorf("creating the overlay: %w", err)
+	}
+	mfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NODEV)
+	if err != nil {
+		return fmt.Errorf("fsmount: %w", err)
+	}
+	defer unix.Close(mfd)
+	if err := unix.MoveMount(mfd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("move_mount: %w", err)
 	}
 	return nil
 }
