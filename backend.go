@@ -45,6 +45,7 @@ type Backend struct {
 	netProbes runsc.PerBinary[netProbe] // which runsc binaries can run cells with sandbox networking (network.go)
 	pool      *pool.Pool                // WithWarmPool's idle sandboxes (pooled.go); nil without
 	spares    *shim.Spares              // the shim started ahead of the next Create
+	images    imageState                // the image store, opened at its first use (image.go)
 }
 
 var _ cellos.CellBackend = (*Backend)(nil)
@@ -218,12 +219,27 @@ func (b *Backend) launch(ctx context.Context, op string, doc *cellos.ExecutionCe
 	if err := b.checkControlSockets(ctx, s.ID, loc); err != nil {
 		return cellos.CellHandle{}, relabel(err, op)
 	}
+	var img *imageCell
+	if s.Rootfs != nil && s.Rootfs.Image != "" {
+		if img, err = b.useImage(ctx, op, doc, true); err != nil { // pulls what the store lacks
+			return cellos.CellHandle{}, err
+		}
+		defer img.release() // once the cell's root is mounted, the mount keeps the layers
+		doc, s = img.doc, &img.doc.Spec
+		if sources, err = b.checkPolicy(s, loc); err != nil { // the image's user, too
+			return cellos.CellHandle{}, relabel(err, op)
+		}
+	}
 	nw, err := b.planNetwork(ctx, s, loc) // nil, at no cost, for a cell without egress rules
 	if err != nil {
 		return cellos.CellHandle{}, relabel(err, op)
 	}
 	c := b.newCell(s.ID, loc)
 	c.net, c.sources = nw, sources
+	if img != nil {
+		c.layers = img.layers
+		c.handle.RootfsDigestSHA256 = &img.digest
+	}
 	if other := b.cells.claim(c); other != nil {
 		return cellos.CellHandle{}, cellos.Errorf(op, s.ID, cellos.ErrAlreadyExists, "a cell with this id is tracked or being torn down")
 	}
@@ -258,7 +274,12 @@ func (b *Backend) supports(s *cellos.CellSpec) error {
 func (b *Backend) checkHost(s *cellos.CellSpec) error {
 	var errs cellos.FieldErrors
 	host := false
-	if r := s.Rootfs; r != nil {
+	if r := s.Rootfs; r != nil && r.Image != "" {
+		if !b.root {
+			host = true
+			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.image", Reason: "an image root needs an overlay mount, which needs root"})
+		}
+	} else if r != nil {
 		if fi, err := os.Stat(r.Path); err != nil {
 			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path", Reason: statReason(err)})
 		} else if !fi.IsDir() {
@@ -444,6 +465,10 @@ func (b *Backend) writeBundle(c *cell, dir *owned.Dir, doc *cellos.ExecutionCell
 	defer rootfs.Close()
 	if s.Rootfs == nil {
 		if err := bundle.WriteRootfs(rootfs, s, b.host); err != nil {
+			return err
+		}
+	} else if s.Rootfs.Image != "" {
+		if err := bundle.MountLayers(dir, c.layers); err != nil {
 			return err
 		}
 	} else if err := bundle.MountImage(dir, s.Rootfs.Path); err != nil {
@@ -897,6 +922,17 @@ func (b *Backend) Config(doc *cellos.ExecutionCellDocument) ([]byte, error) {
 	sources, err := b.checkPolicy(s, loc)
 	if err != nil {
 		return nil, relabel(err, op)
+	}
+	if s.Rootfs != nil && s.Rootfs.Image != "" {
+		img, err := b.useImage(context.Background(), op, doc, false) // never pulls
+		if err != nil {
+			return nil, err
+		}
+		img.release()
+		doc, s = img.doc, &img.doc.Spec
+		if sources, err = b.checkPolicy(s, loc); err != nil {
+			return nil, relabel(err, op)
+		}
 	}
 	in := SpecInputs{HostSystem: b.host, NetNSPath: egressNetNS(loc.root, s), Sources: sources}
 	if s.WantsCgroups() {

@@ -47,6 +47,10 @@ type options struct {
 	defaultsSet  bool             // the operator chose the defaults (enforced or refused, never skipped)
 	minFree      int64            // WithMinFreeSpace
 	sharedSocket bool             // WithUnconfinedControlSockets
+
+	imageStore  string      // WithImageStore (image.go)
+	insecure    []string    // WithInsecureRegistries
+	imageLimits ImageLimits // WithImageLimits
 }
 
 // WithRunscPath sets the runsc binary (default: "runsc" on $PATH). CELLOS_GVISOR_RUNSC_BIN

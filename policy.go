@@ -21,8 +21,8 @@ import (
 
 // protectedDirs are the host directories no bind source or image root may equal, lie inside or
 // contain: the library's own state and the host's namespaces and kernel interfaces.
-func protectedDirs(loc location) []string {
-	return []string{loc.root, loc.runsc.Root, netcell.NetnsDir, "/proc", "/sys", "/dev"}
+func protectedDirs(loc location, imageStore string) []string {
+	return []string{loc.root, loc.runsc.Root, imageStore, netcell.NetnsDir, "/proc", "/sys", "/dev"}
 }
 
 // resolve returns path with every symlink resolved, or the cleaned path when it does not exist.
@@ -56,12 +56,12 @@ func overlapsProtected(path string, protected []string) string {
 // that a symlink swapped after the check cannot redirect a mount.
 func (b *Backend) checkPolicy(s *cellos.CellSpec, loc location) (sources map[int]string, err error) {
 	var errs cellos.FieldErrors
-	protected := protectedDirs(loc)
+	protected := protectedDirs(loc, b.imageStoreDir())
 	if u := s.Run.EffectiveUser(); !b.opts.allowRoot && (u.UID == 0 || u.GID == 0) {
 		errs = append(errs, cellos.FieldError{Field: "spec.run.user",
 			Reason: fmt.Sprintf("uid %d gid %d: root inside the cell is refused unless the operator allows it (WithAllowRoot)", u.UID, u.GID)})
 	}
-	if r := s.Rootfs; r != nil {
+	if r := s.Rootfs; r != nil && r.Image == "" {
 		if p := overlapsProtected(resolve(r.Path), protected); p != "" {
 			errs = append(errs, cellos.FieldError{Field: "spec.rootfs.path",
 				Reason: fmt.Sprintf("%q overlaps %s, which the library protects from cells", r.Path, p)})

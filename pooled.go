@@ -122,6 +122,9 @@ func (b *Backend) Close(ctx context.Context) error {
 	if err := b.pool.Close(ctx); err != nil {
 		return cellos.NewError("close", "", cellos.ErrHost, err)
 	}
+	if err := b.closeImages(); err != nil {
+		return cellos.NewError("close", "", cellos.ErrHost, err)
+	}
 	return nil
 }
 

@@ -32,6 +32,7 @@ type cell struct {
 
 	net     *cellNet       // the cell's own network when it has egress rules (network.go); nil without
 	sources map[int]string // its bind mounts' resolved sources (checkPolicy)
+	layers  []string       // an image root's layers, lowest first (image.go)
 	// ----
 	created bool // Create succeeded (or Recover adopted it); false for placeholders
 

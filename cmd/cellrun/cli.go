@@ -29,6 +29,8 @@ type globals struct {
 	platform   string
 	debug      bool
 	allowRoot  bool
+	imageStore string
+	insecure   listFlag
 }
 
 func (g *globals) register(fs *flag.FlagSet) {
@@ -39,6 +41,9 @@ func (g *globals) register(fs *flag.FlagSet) {
 	fs.StringVar(&g.platform, "platform", "",
 		"runsc's platform `NAME`: ptrace, systrap or kvm (default systrap where runsc has it, else ptrace)")
 	fs.BoolVar(&g.debug, "debug", false, "log what the library does to stderr")
+	fs.StringVar(&g.imageStore, "image-store", "",
+		"the image store's `DIR` (default "+gvisor.DefaultImageStore()+"); $"+gvisor.EnvImageStore+" overrides it")
+	fs.Var(&g.insecure, "insecure-registry", "a registry `HOST[:PORT]` that may be reached over plain HTTP (repeatable)")
 	fs.BoolVar(&g.allowRoot, "allow-root", false,
 		"let the cell's process, or an exec'd one, run as uid or gid 0 inside the cell")
 }
@@ -52,6 +57,12 @@ func (g *globals) options() []gvisor.Option {
 	}
 	if g.runsc != "" {
 		opts = append(opts, gvisor.WithRunscPath(g.runsc))
+	}
+	if g.imageStore != "" {
+		opts = append(opts, gvisor.WithImageStore(g.imageStore))
+	}
+	if len(g.insecure.vals) > 0 {
+		opts = append(opts, gvisor.WithInsecureRegistries(g.insecure.vals...))
 	}
 	if g.platform != "" {
 		opts = append(opts, gvisor.WithPlatform(g.platform))

@@ -170,7 +170,7 @@ func TestTable(t *testing.T) {
 		}
 	}
 	for _, verb := range []string{"run", "config", "list", "exec", "kill", "signal", "stats", "pause", "resume",
-		"checkpoint", "restore", "delete", "destroy", "help"} {
+		"checkpoint", "restore", "delete", "destroy", "pull", "images", "rmi", "image-prune", "help"} {
 		assert.True(t, names[verb], "verb %q is missing", verb)
 	}
 }

@@ -37,8 +37,7 @@ const (
 
 // table is cellrun's verbs in the order `cellrun help` lists them.
 //
-// The design fixes verbs that are not here yet (issues 14 and 16): `pull REF` and `images`
-// (an image store, not the bundle root), `cp SRC DST` (ID:PATH on either side) and `logs [-f] ID`;
+// The design fixes verbs that are not here yet: `cp SRC DST` (ID:PATH on either side) and `logs [-f] ID`;
 // run and exec will take -i (stdin) and -t (terminal), which the parser already reads combined as
 // -it (splitShort). Each is one more constructor here.
 func (c *cli) table() []*command {
@@ -54,6 +53,10 @@ func (c *cli) table() []*command {
 		c.checkpointCommand(),
 		c.restoreCommand(),
 		c.deleteCommand(),
+		c.pullCommand(),
+		c.imagesCommand(),
+		c.rmiCommand(),
+		c.imagePruneCommand(),
 		c.helpCommand(),
 	}
 }

@@ -27,6 +27,9 @@ stderr to cellrun's own and waits for it to end. Then it destroys the cell (unle
 a one-line summary on stderr and exits with the cell's exit code (125 when cellrun, the document
 or runsc failed). SIGINT (Ctrl-C), SIGTERM and SIGHUP destroy the cell, --keep or not.
 
+A document whose root is an image the image store lacks has it pulled first, with the pull's
+progress on stderr (as 'cellrun pull' shows it).
+
 While it runs, the cell is one of the bundle root's: the operating verbs (exec, kill, stats, ...)
 reach it by its id from another terminal.`
 	cmd.check = exactly(1)
@@ -48,6 +51,9 @@ func (c *cli) foreground(cmd *command, launch func(b *gvisor.Backend, args []str
 		}
 		b, err := c.foregroundBackend()
 		if err != nil {
+			return c.fail(err)
+		}
+		if err := c.pullMissing(b, doc); err != nil {
 			return c.fail(err)
 		}
 		return runCell(b, launch(b, args), doc, *keep, c.stderr)
