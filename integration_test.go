@@ -31,6 +31,7 @@ func requireRunsc(t testing.TB) string { return testkit.Runsc(t) }
 // private root of its own.
 func TestMain(m *testing.M) {
 	os.Unsetenv(gvisor.EnvBundleRoot)
+	os.Unsetenv(gvisor.EnvImageStore)
 	os.Exit(m.Run())
 }
 
