@@ -191,7 +191,7 @@ func imageError(op, cellID string, err error) error {
 		return err
 	}
 	kind := cellos.ErrHost
-	for _, k := range []error{image.ErrNotFound, image.ErrDigestMismatch, image.ErrTooLarge, image.ErrMediaType, image.ErrInsecure} {
+	for _, k := range []error{image.ErrNotFound, image.ErrDigestMismatch, image.ErrTooLarge, image.ErrMediaType, image.ErrInsecure, image.ErrUnsafe} {
 		if errors.Is(err, k) {
 			kind = cellos.ErrInvalidSpec
 		}

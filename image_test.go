@@ -181,7 +181,12 @@ func TestImageCellIsolation(t *testing.T) {
 	assert.Equal(t, "lo", got["ifaces"], "loopback only")
 	assert.Equal(t, "img-iso", got["hostname"])
 	assert.Equal(t, "1", got["pid"], "the workload is pid 1 of its own namespace")
-	assert.NotContains(t, out, "visible=", "host paths visible")
+	for l := range strings.Lines(out) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "visible="); ok {
+			assert.Contains(t, []string{"/home", "/srv"}, v, "only the image's own directories are there")
+		}
+	}
+	assert.Equal(t, "group passwd", got["etc"], "the image's /etc, not the host's")
 	assert.Equal(t, "42", got["awk"])
 	e.assertNothingLeftAfterDestroyAll(t)
 }
@@ -273,8 +278,8 @@ func TestImageRootUserIsRefused(t *testing.T) {
 }
 
 // createFails creates d, which must fail as InvalidSpec naming field with msg, and checks that
-// nothing stayed behind: no bundle, no process, no mount, nothing in the store but what an
-// earlier pull completed.
+// nothing stayed behind: no bundle, no process, no mount, no half-written pull, and, when the
+// pull itself failed, no layer of it in the store.
 func (e *imageEnv) createFails(t *testing.T, d *cellos.ExecutionCellDocument, field, msg string) {
 	t.Helper()
 	before := storeEntries(t, e.store)
@@ -292,20 +297,22 @@ func (e *imageEnv) createFails(t *testing.T, d *cellos.ExecutionCellDocument, fi
 		}
 	}
 	assert.Empty(t, tmp, "half-written pulls left in the store")
-	assert.Subset(t, before, layersIn(t, e.store), "layers of the failed pull stayed in the store")
+	if field == "spec.rootfs.image" { // a pull that failed; other errors come after a good pull
+		assert.Subset(t, before, layersIn(t, e.store), "layers of the failed pull stayed in the store")
+	}
 }
 
 func TestImageCreateFailuresLeaveNothing(t *testing.T) {
 	t.Parallel()
 	e := newImageEnv(t)
-	img := imagetest.Busybox(t)
-	ref := e.reg.Push(t, "team/busybox", "bad", img)
-	layers, err := img.Layers()
-	require.NoError(t, err)
-	ld, err := layers[0].Digest()
+	// A blob served with other bytes than its digest's (a layer of its own: the busybox layer is
+	// pulled intact below).
+	bad := imagetest.RandomLayer(t, 64<<10)
+	ref := e.reg.Push(t, "team/corrupt", "1", imagetest.Image(t, v1.Config{Cmd: []string{"/x"}}, bad))
+	ld, err := bad.Digest()
 	require.NoError(t, err)
 	e.reg.CorruptBlob(ld.String())
-	e.createFails(t, imageDoc("img-corrupt", ref), "spec.rootfs.image", "digest")
+	e.createFails(t, imageDoc("img-corrupt", ref), "spec.rootfs.image", "digest mismatch")
 
 	// A by-digest reference the manifest served does not match.
 	wrong := e.reg.Host() + "/team/busybox@sha256:" + strings.Repeat("ab", 32)
@@ -356,13 +363,14 @@ func TestImagePlainHTTPOnlyWhenAllowed(t *testing.T) {
 	requireRunsc(t)
 	reg := imagetest.Serve(t)
 	ref := reg.Push(t, "team/busybox", "1", imagetest.Busybox(t))
-	e := &imageEnv{realEnv: newRealEnv(t, gvisor.WithImageStore(filepath.Join(t.TempDir(), "images"))), reg: reg}
-	e.store = filepath.Join(filepath.Dir(e.root), "images")
-	_, err := e.b.Create(context.Background(), imageDoc("img-http", ref))
-	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
-	assert.Contains(t, err.Error(), "insecure")
-	e.assertNothingLeft()
-	assert.Zero(t, reg.Gets(), "nothing was fetched over plain HTTP")
+	store := filepath.Join(t.TempDir(), "images")
+	e := &imageEnv{realEnv: newRealEnv(t, gvisor.WithImageStore(store)), reg: reg, store: store}
+	gets := reg.Gets()
+	e.createFails(t, imageDoc("img-http", ref), "spec.rootfs.image", "insecure registry")
+	assert.Equal(t, gets, reg.Gets(), "nothing was fetched over plain HTTP")
+	// Named insecure, the same registry serves the image.
+	e2 := newImageEnvSharing(t, e)
+	assert.Equal(t, "hello from busybox\n", e2.probe(imageDoc("img-http-ok", ref)))
 }
 
 func TestImageFromOCILayout(t *testing.T) {
@@ -372,8 +380,8 @@ func TestImageFromOCILayout(t *testing.T) {
 	imagetest.Layout(t, dir, "v1", withConfig(t, imagetest.Busybox(t), func(c *v1.Config) {
 		c.Cmd = []string{"/bin/sh", "-c", "echo from the layout"}
 	}))
-	assert.Equal(t, "from the layout\n", e.probe(imageDoc("img-layout", "oci-layout:"+dir+":v1")))
 	e.createFails(t, imageDoc("img-layout-tag", "oci-layout:"+dir+":nosuch"), "spec.rootfs.image", "nosuch")
+	assert.Equal(t, "from the layout\n", e.probe(imageDoc("img-layout", "oci-layout:"+dir+":v1")))
 	e.assertNothingLeftAfterDestroyAll(t)
 }
 

@@ -43,6 +43,7 @@ var (
 	ErrTooLarge       = errors.New("image too large")
 	ErrMediaType      = errors.New("unsupported media type")
 	ErrInsecure       = errors.New("registry not allowed over plain HTTP")
+	ErrUnsafe         = layer.ErrUnsafe // a layer entry that escapes the layer or is forbidden
 )
 
 // Limits bound a pull; zero fields take the defaults.
@@ -284,8 +285,36 @@ func (s *Store) readBlob(h v1.Hash, max int64) ([]byte, error) {
 }
 
 func (s *Store) writeBlob(h v1.Hash, data []byte) error {
-	err := s.blobs.WriteAtomic(h.Hex, data, 0o644)
-	return err
+	return s.place(data, s.blobs, h.Hex, false)
+}
+
+// place writes data as the file name of dir: written in tmp/ under a name of its own, then
+// renamed into place, replacing what is there when replace is set. Content-addressed files are
+// never replaced: one already there (written by another pull) has the same content.
+func (s *Store) place(data []byte, dir *owned.Dir, name string, replace bool) error {
+	work, err := s.tmp.MkdirTemp("file-", 0o700)
+	if err != nil {
+		return err
+	}
+	wname := filepath.Base(work.Path())
+	defer func() {
+		work.Close()
+		_ = s.tmp.RemoveAll(wname)
+	}()
+	if err := work.WriteFile("f", data, 0o644); err != nil {
+		return err
+	}
+	if !replace {
+		err := work.Rename("f", dir, name)
+		if errors.Is(err, fs.ErrExist) {
+			return nil
+		}
+		return err
+	}
+	if err := unix.Renameat(work.Fd(), "f", dir.Fd(), name); err != nil {
+		return &fs.PathError{Op: "rename", Path: filepath.Join(dir.Path(), name), Err: err}
+	}
+	return nil
 }
 
 // Use returns the image ref names, pulling it first when the store lacks it and pull is set, and
@@ -603,8 +632,17 @@ func classify(err error) error {
 var layerMediaTypes = []types.MediaType{types.OCILayer, types.OCILayerZStd, types.OCIRestrictedLayer, types.OCIUncompressedLayer,
 	types.OCIUncompressedRestrictedLayer, types.DockerLayer, types.DockerForeignLayer, types.DockerUncompressedLayer}
 
-// pull fetches ref; the caller holds the lock shared.
+// pull fetches ref; the caller holds the lock shared. Concurrent pulls of one name in this
+// process share one pull (the first one's progress is the one reported).
 func (s *Store) pull(ctx context.Context, ref Ref, progress func(Progress)) (*Image, error) {
+	v, err, _ := s.flights.Do("ref:"+ref.String(), func() (any, error) { return s.pullOnce(ctx, ref, progress) })
+	if err != nil {
+		return nil, err
+	}
+	return v.(*Image), nil
+}
+
+func (s *Store) pullOnce(ctx context.Context, ref Ref, progress func(Progress)) (*Image, error) {
 	report := func(p Progress) {
 		if progress != nil {
 			p.Ref = ref.String()
@@ -726,7 +764,7 @@ func (s *Store) pull(ctx context.Context, ref Ref, progress func(Progress)) (*Im
 	if err != nil {
 		return nil, err
 	}
-	if err := s.refs.WriteAtomic(refFile(rec.Ref), data, 0o644); err != nil {
+	if err := s.place(data, s.refs, refFile(rec.Ref), true); err != nil {
 		return nil, err
 	}
 	out, err := s.load(rec)
@@ -742,7 +780,7 @@ func (s *Store) fetchLayer(ctx context.Context, img v1.Image, desc v1.Descriptor
 	if _, err := s.layers.Lstat(diff.Hex); err == nil {
 		return true, nil
 	}
-	v, err, _ := s.flights.Do(diff.Hex, func() (any, error) {
+	v, err, _ := s.flights.Do("layer:"+diff.Hex, func() (any, error) {
 		if _, err := s.layers.Lstat(diff.Hex); err == nil {
 			return true, nil // made by a flight that ended since the check above
 		}
