@@ -97,14 +97,15 @@ func (c *cli) pullMissing(b *gvisor.Backend, doc *cellos.ExecutionCellDocument) 
 
 // pullReporter shows a pull: a progress bar on a terminal, plain lines otherwise.
 type pullReporter struct {
-	mu    sync.Mutex
-	w     io.Writer
-	ref   string
-	bar   *progressbar.ProgressBar
-	tty   bool
-	done  map[int]bool
-	total int64
-	start time.Time
+	mu     sync.Mutex
+	w      io.Writer
+	ref    string
+	bar    *progressbar.ProgressBar
+	tty    bool
+	done   map[int]bool
+	total  int64
+	layers int
+	start  time.Time
 }
 
 func isTerminal(w io.Writer) bool {
@@ -144,6 +145,7 @@ func (p *pullReporter) reportBar(ev gvisor.PullProgress) {
 		p.bar = progressbar.NewOptions64(ev.Total,
 			progressbar.OptionSetWriter(p.w),
 			progressbar.OptionShowBytes(true),
+			progressbar.OptionShowCount(),
 			progressbar.OptionUseIECUnits(true),
 			progressbar.OptionSetWidth(30),
 			progressbar.OptionThrottle(100*time.Millisecond),
@@ -158,8 +160,10 @@ func (p *pullReporter) reportBar(ev gvisor.PullProgress) {
 	if ev.Layer > 0 && ev.LayerDone {
 		p.done[ev.Layer] = true
 	}
+	p.layers = ev.Layers
 	p.bar.Describe(p.describe(ev.Layers))
-	_ = p.bar.Set64(ev.Done)
+	// The bar completes at finish, when the last layer is unpacked too, not at the last byte.
+	_ = p.bar.Set64(min(ev.Done, p.total-1))
 }
 
 func (p *pullReporter) describe(layers int) string {
@@ -172,6 +176,7 @@ func (p *pullReporter) finish(err error) {
 	defer p.mu.Unlock()
 	if p.bar != nil {
 		if err == nil {
+			p.bar.Describe(p.describe(p.layers))
 			_ = p.bar.Finish()
 		} else {
 			fmt.Fprintln(p.w)

@@ -745,8 +745,11 @@ func (s *Store) pullOnce(ctx context.Context, ref Ref, progress func(Progress)) 
 		}()
 	}
 	wg.Wait()
+	if ctx.Err() != nil {
+		return nil, fmt.Errorf("%s: pull stopped: %w", ref, context.Cause(ctx))
+	}
 	for _, err := range errs {
-		if err != nil && !errors.Is(err, context.Canceled) {
+		if err != nil && !errors.Is(err, context.Canceled) { // the first layer's error, not the others' stops
 			return nil, err
 		}
 	}

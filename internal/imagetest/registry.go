@@ -111,7 +111,9 @@ func (r *Registry) serveHTTP(inner http.Handler, w http.ResponseWriter, req *htt
 }
 
 // Host is the registry's host:port.
-func (r *Registry) Host() string { return strings.TrimPrefix(strings.TrimPrefix(r.srv.URL, "http://"), "https://") }
+func (r *Registry) Host() string {
+	return strings.TrimPrefix(strings.TrimPrefix(r.srv.URL, "http://"), "https://")
+}
 
 // Transport is an HTTP transport that trusts the registry's certificate.
 func (r *Registry) Transport() http.RoundTripper {
