@@ -153,9 +153,16 @@ func (a *applier) parent(entry, name string) (int, string, error) {
 			}
 		}
 		if err != nil {
+			var st unix.Stat_t
+			if errors.Is(err, unix.ENOTDIR) && unix.Fstatat(fd, c, &st, atNoFollow) == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK {
+				err = unix.ELOOP
+			}
 			unix.Close(fd)
-			if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
-				return -1, "", unsafe(entry, "its path goes through %q, a symbolic link or not a directory", c)
+			if errors.Is(err, unix.ELOOP) {
+				return -1, "", unsafe(entry, "its path goes through a symlink, %q", c)
+			}
+			if errors.Is(err, unix.ENOTDIR) {
+				return -1, "", unsafe(entry, "its path goes through %q, which is not a directory", c)
 			}
 			return -1, "", &EntryError{Name: entry, Err: err}
 		}
@@ -213,6 +220,11 @@ func (a *applier) entry(h *tar.Header, r io.Reader) error {
 		}
 		return wrap(unix.Mknodat(pfd, target, unix.S_IFCHR, 0))
 	}
+	if h.Typeflag == tar.TypeLink {
+		if target, err := clean(h.Linkname); err == nil && target == name {
+			return nil // a link to itself: the entry stays as it is
+		}
+	}
 	if h.Typeflag != tar.TypeDir {
 		if err := removeEntry(pfd, base); err != nil { // a later entry of the same name wins
 			return wrap(err)
@@ -242,7 +254,7 @@ func (a *applier) entry(h *tar.Header, r io.Reader) error {
 	case tar.TypeLink:
 		target, err := clean(h.Linkname)
 		if err != nil || target == "" {
-			return unsafe(h.Name, "a hard link to %q, outside the layer", h.Linkname)
+			return unsafe(h.Name, "a hard link to %q, which escapes the layer", h.Linkname)
 		}
 		tfd, tbase, err := a.parent(h.Name, target)
 		if err != nil {
@@ -254,7 +266,7 @@ func (a *applier) entry(h *tar.Header, r io.Reader) error {
 			return unsafe(h.Name, "a hard link to %q, which the layer does not hold: %v", h.Linkname, err)
 		}
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-			return unsafe(h.Name, "a hard link to the directory %q", h.Linkname)
+			return unsafe(h.Name, "a hard link to directory %q", h.Linkname)
 		}
 		if err := unix.Linkat(tfd, tbase, pfd, base, 0); err != nil {
 			return wrap(err)
