@@ -1,6 +1,6 @@
 # One command runs a real cell (make run), one passes the tests (make test). Both install what they
 # need on a fresh Debian machine: runsc (Debian's package), busybox-static, nftables, iproute2,
-# staticcheck.
+# tmux, python3, staticcheck.
 
 SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
@@ -29,6 +29,9 @@ deps: runsc tools
 	@# nft and ip: cells with egress rules (nft) and the network tests' own test hosts (ip).
 	@[ -x /usr/sbin/nft ] || command -v nft >/dev/null || { $(SUDO) apt-get install -y nftables || { $(SUDO) apt-get update && $(SUDO) apt-get install -y nftables; }; }
 	@[ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || command -v ip >/dev/null || { $(SUDO) apt-get install -y iproute2 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y iproute2; }; }
+	@# tmux: the terminal tests (cellrun pull's progress bar); python3: the images built from it.
+	@command -v tmux >/dev/null || { $(SUDO) apt-get install -y tmux || { $(SUDO) apt-get update && $(SUDO) apt-get install -y tmux; }; }
+	@[ -x /usr/bin/python3 ] || { $(SUDO) apt-get install -y python3 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3; }; }
 
 runsc:
 	@command -v runsc >/dev/null || { $(SUDO) apt-get install -y runsc || { $(SUDO) apt-get update && $(SUDO) apt-get install -y runsc; }; }
@@ -69,7 +72,7 @@ fuzz:
 # pool against cold starts on Debian's and the current runsc (pool.md). The results tables and
 # charts land in bench/results/.
 bench: runsc runsc-current
-	$(GO) test -run '^$$' -bench . -benchmem . ./cellos
+	$(GO) test -run '^$$' -bench . -benchmem . ./cellos ./internal/layer
 	cd bench && $(GO) run . -out results
 	cd bench && $(GO) run . -mode pool -runsc "$$(command -v runsc) $(RUNSC_CURRENT)" -out results
 
