@@ -66,6 +66,8 @@ lint: tools
 fuzz:
 	$(GO) test ./cellos -run '^$$' -fuzz '^FuzzParseDocument$$' -fuzztime $(FUZZTIME)
 	$(GO) test . -run '^$$' -fuzz '^FuzzBuildSpec$$' -fuzztime $(FUZZTIME)
+	@# One worker: with two, the workers of this target stall (a few executions a second).
+	$(GO) test ./internal/layer -run '^$$' -fuzz '^FuzzApply$$' -fuzztime $(FUZZTIME) -parallel 1
 
 # Benchmarks, never part of `make test`: the document path (go test -bench) and the end-to-end
 # comparison with raw runsc (bench/, its own module for the plotting dependencies), then the warm

@@ -243,7 +243,7 @@ func (a *applier) entry(h *tar.Header, r io.Reader) error {
 			return wrap(err)
 		}
 		a.dirs = append(a.dirs, dirTime{name, h.ModTime})
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg: // the reader reports the old TypeRegA as TypeReg
 		if err := a.file(pfd, base, h, r); err != nil {
 			return wrap(err)
 		}
@@ -434,7 +434,7 @@ func typeName(t byte) string {
 	switch t {
 	case tar.TypeDir:
 		return "directory"
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg: // the reader reports the old TypeRegA as TypeReg
 		return "file"
 	case tar.TypeSymlink:
 		return "symlink"
