@@ -318,14 +318,20 @@ func (b *Backend) PruneImages(ctx context.Context) (ImagePruneReport, error) {
 	return ImagePruneReport{Layers: r.Layers, Blobs: r.Blobs, Bytes: r.Bytes, InUse: r.InUse}, nil
 }
 
-// checkLayoutRef refuses an OCI layout inside the directories the library protects.
+// checkLayoutRef refuses an OCI layout inside the directories the library protects, or outside
+// the operator's allowed bind sources.
 func (b *Backend) checkLayoutRef(r image.Ref) error {
 	dir, _, ok := r.Layout()
 	if !ok {
 		return nil
 	}
-	if p := overlapsProtected(resolve(dir), protectedDirs(b.locate(), b.imageStoreDir())); p != "" {
+	src := resolve(dir)
+	if p := overlapsProtected(src, protectedDirs(b.locate(), b.imageStoreDir())); p != "" {
 		return fmt.Errorf("the OCI layout %q overlaps %s, which the library protects from cells", dir, p)
+	}
+	// A layout is host files a document names, as a bind source is: the same allow list holds.
+	if len(b.opts.bindSources) > 0 && !allowedSource(src, b.opts.bindSources) {
+		return fmt.Errorf("the OCI layout %q is not below the allowed bind sources %v (WithBindSources)", dir, b.opts.bindSources)
 	}
 	return nil
 }

@@ -400,6 +400,15 @@ func TestImageStoreIsProtectedFromBinds(t *testing.T) {
 	_, err = e.b.Create(context.Background(), d)
 	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
 	e.createFails(t, imageDoc("img-layout-in-store", "oci-layout:"+e.store+":x"), "spec.rootfs.image", "protects")
+
+	// WithBindSources bounds the host files a document names: layouts too.
+	allowed := t.TempDir()
+	layoutDir := filepath.Join(t.TempDir(), "layout")
+	imagetest.Layout(t, layoutDir, "v1", imagetest.Busybox(t))
+	e2 := newImageEnvSharing(t, e, gvisor.WithBindSources(allowed))
+	e2.createFails(t, imageDoc("img-layout-outside", "oci-layout:"+layoutDir+":v1"), "spec.rootfs.image", "WithBindSources")
+	_, err = e2.b.Pull(context.Background(), "oci-layout:"+layoutDir+":v1")
+	require.ErrorIs(t, err, cellos.ErrInvalidSpec)
 }
 
 func TestImageRemoveKeepsRunningCells(t *testing.T) {
