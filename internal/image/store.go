@@ -635,11 +635,24 @@ var layerMediaTypes = []types.MediaType{types.OCILayer, types.OCILayerZStd, type
 // pull fetches ref; the caller holds the lock shared. Concurrent pulls of one name in this
 // process share one pull (the first one's progress is the one reported).
 func (s *Store) pull(ctx context.Context, ref Ref, progress func(Progress)) (*Image, error) {
-	v, err, _ := s.flights.Do("ref:"+ref.String(), func() (any, error) { return s.pullOnce(ctx, ref, progress) })
-	if err != nil {
-		return nil, err
+	for {
+		v, err, shared := s.flights.Do("ref:"+ref.String(), func() (any, error) { return s.pullOnce(ctx, ref, progress) })
+		if err != nil && shared && ctx.Err() == nil && stopped(err) {
+			continue // the pull this one shared was another caller's, which stopped it: pull again
+		}
+		if err != nil {
+			return nil, err
+		}
+		return v.(*Image), nil
 	}
-	return v.(*Image), nil
+}
+
+// errStopped marks a pull ended by its caller's context.
+var errStopped = errors.New("pull stopped")
+
+// stopped reports whether err ended a pull because its caller's context ended.
+func stopped(err error) bool {
+	return errors.Is(err, errStopped) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 func (s *Store) pullOnce(ctx context.Context, ref Ref, progress func(Progress)) (*Image, error) {
@@ -746,7 +759,7 @@ func (s *Store) pullOnce(ctx context.Context, ref Ref, progress func(Progress)) 
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return nil, fmt.Errorf("%s: pull stopped: %w", ref, context.Cause(ctx))
+		return nil, fmt.Errorf("%s: %w: %w", ref, errStopped, context.Cause(ctx))
 	}
 	for _, err := range errs {
 		if err != nil && !errors.Is(err, context.Canceled) { // the first layer's error, not the others' stops
@@ -783,16 +796,21 @@ func (s *Store) fetchLayer(ctx context.Context, img v1.Image, desc v1.Descriptor
 	if _, err := s.layers.Lstat(diff.Hex); err == nil {
 		return true, nil
 	}
-	v, err, _ := s.flights.Do("layer:"+diff.Hex, func() (any, error) {
-		if _, err := s.layers.Lstat(diff.Hex); err == nil {
-			return true, nil // made by a flight that ended since the check above
+	for {
+		v, err, shared := s.flights.Do("layer:"+diff.Hex, func() (any, error) {
+			if _, err := s.layers.Lstat(diff.Hex); err == nil {
+				return true, nil // made by a flight that ended since the check above
+			}
+			return false, s.makeLayer(ctx, img, desc, diff, downloaded, unpacking)
+		})
+		if err != nil && shared && ctx.Err() == nil && stopped(err) {
+			continue // another pull's fetch, stopped by its caller
 		}
-		return false, s.makeLayer(ctx, img, desc, diff, downloaded, unpacking)
-	})
-	if err != nil {
-		return false, err
+		if err != nil {
+			return false, err
+		}
+		return v.(bool), nil
 	}
-	return v.(bool), nil
 }
 
 // makeLayer downloads, verifies and unpacks one layer into tmp/, then moves it into layers/.

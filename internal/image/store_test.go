@@ -3,10 +3,13 @@ package image_test
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -272,4 +275,40 @@ func TestStoreOfAnotherUserIsRefused(t *testing.T) {
 	_, err := image.Open(dir, image.Options{})
 	require.ErrorIs(t, err, owned.ErrRefused)
 	assert.Empty(t, entries(t, dir))
+}
+
+// TestAStoppedPullDoesNotStopAnother: two callers share one pull; the first gives up, the second
+// still gets the image.
+func TestAStoppedPullDoesNotStopAnother(t *testing.T) {
+	reg := imagetest.Serve(t)
+	r := reg.Push(t, "s", "1", imagetest.Image(t, cfg, imagetest.RandomLayer(t, 4<<20)))
+	started := make(chan struct{}, 16)
+	reg.Wrap(func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			if strings.Contains(req.URL.Path, "/blobs/") {
+				started <- struct{}{}
+				time.Sleep(300 * time.Millisecond)
+			}
+			h.ServeHTTP(w, req)
+		})
+	})
+	s := open(t, image.Options{Insecure: []string{reg.Host()}})
+	first, cancel := context.WithCancel(context.Background())
+	errs := make(chan error, 1)
+	go func() {
+		_, err := s.Pull(first, ref(t, r), nil)
+		errs <- err
+	}()
+	<-started
+	second := make(chan error, 1)
+	go func() {
+		_, err := s.Pull(context.Background(), ref(t, r), nil)
+		second <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the second joins the first's pull
+	cancel()
+	assert.ErrorIs(t, <-errs, context.Canceled)
+	require.NoError(t, <-second, "the second caller's pull must not end with the first's")
+	_, err := s.Get(context.Background(), ref(t, r))
+	require.NoError(t, err)
 }
