@@ -142,7 +142,7 @@ func readLayerFile(layer string, parts []string) (data []byte, found, stop bool,
 	if err != nil {
 		return nil, false, false, err
 	}
-	defer unix.Close(fd)
+	defer func() { unix.Close(fd) }() // fd moves down the path: close the last one, once
 	opaque := false
 	for i, p := range parts {
 		var st unix.Stat_t

@@ -157,3 +157,22 @@ func TestReadImageFileFollowsOverlayRules(t *testing.T) {
 		require.ErrorContains(t, err, "larger than")
 	})
 }
+
+// TestReadImageFileClosesWhatItOpens: every descriptor opened on the way down a path is closed
+// once (a descriptor closed twice may be another goroutine's by then).
+func TestReadImageFileClosesWhatItOpens(t *testing.T) {
+	ls := testLayers(t, map[string]string{"etc/passwd": testPasswd}, map[string]string{"etc/group": testGroup})
+	count := func() int {
+		es, err := os.ReadDir("/proc/self/fd")
+		require.NoError(t, err)
+		return len(es)
+	}
+	before := count()
+	for range 20 {
+		_, err := readImageFile(ls, "etc/passwd")
+		require.NoError(t, err)
+		_, err = readImageFile(ls, "etc/nosuch/deeper")
+		require.NoError(t, err)
+	}
+	assert.Equal(t, before, count(), "descriptors leaked")
+}
