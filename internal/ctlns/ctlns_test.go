@@ -271,6 +271,7 @@ func TestConcurrent(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make([]error, n)
 	seen := make([]string, n)
+	created := make([]string, n)
 	start := make(chan struct{})
 	for i := range n {
 		wg.Go(func() {
@@ -280,11 +281,7 @@ func TestConcurrent(t *testing.T) {
 				errs[i] = err
 				return
 			}
-			defer func() {
-				if err := Remove(pin); err != nil && errs[i] == nil {
-					errs[i] = err
-				}
-			}()
+			created[i] = pin
 			var st unix.Stat_t
 			if err := unix.Stat(pin, &st); err != nil {
 				errs[i] = err
@@ -303,6 +300,15 @@ func TestConcurrent(t *testing.T) {
 	}
 	close(start)
 	wg.Wait()
+	// Removed only once all were seen: a removed namespace's inode number can be the next one's.
+	for i, pin := range created {
+		if pin == "" {
+			continue
+		}
+		if err := Remove(pin); err != nil && errs[i] == nil {
+			errs[i] = err
+		}
+	}
 	for _, err := range errs {
 		if err != nil {
 			t.Error(err)
