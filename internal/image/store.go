@@ -230,25 +230,9 @@ func (s *Store) Get(ctx context.Context, ref Ref) (*Image, error) {
 
 // load reads the image a name record gives.
 func (s *Store) load(rec refRecord) (*Image, error) {
-	h, err := v1.NewHash(rec.Digest)
+	_, cfg, err := s.manifestAndConfig(rec)
 	if err != nil {
-		return nil, fmt.Errorf("%s: the store's record of it is damaged: %w", rec.Ref, err)
-	}
-	raw, err := s.readBlob(h, maxManifest)
-	if err != nil {
-		return nil, fmt.Errorf("%s: manifest: %w", rec.Ref, err)
-	}
-	m, err := v1.ParseManifest(bytes.NewReader(raw))
-	if err != nil {
-		return nil, fmt.Errorf("%s: manifest: %w", rec.Ref, err)
-	}
-	rawCfg, err := s.readBlob(m.Config.Digest, maxConfig)
-	if err != nil {
-		return nil, fmt.Errorf("%s: config: %w", rec.Ref, err)
-	}
-	cfg, err := v1.ParseConfigFile(bytes.NewReader(rawCfg))
-	if err != nil {
-		return nil, fmt.Errorf("%s: config: %w", rec.Ref, err)
+		return nil, err
 	}
 	img := &Image{Ref: rec.Ref, Digest: rec.Digest, Config: *cfg, Pulled: rec.Pulled}
 	for _, d := range cfg.RootFS.DiffIDs {
@@ -267,6 +251,32 @@ func (s *Store) load(rec refRecord) (*Image, error) {
 		img.Layers = append(img.Layers, filepath.Join(s.layers.Path(), d.Hex, "fs"))
 	}
 	return img, nil
+}
+
+// manifestAndConfig reads the manifest and the config of the image a name record gives, each
+// checked against its digest.
+func (s *Store) manifestAndConfig(rec refRecord) (*v1.Manifest, *v1.ConfigFile, error) {
+	h, err := v1.NewHash(rec.Digest)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: the store's record of it is damaged: %w", rec.Ref, err)
+	}
+	raw, err := s.readBlob(h, maxManifest)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: manifest: %w", rec.Ref, err)
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(raw))
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: manifest: %w", rec.Ref, err)
+	}
+	rawCfg, err := s.readBlob(m.Config.Digest, maxConfig)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: config: %w", rec.Ref, err)
+	}
+	cfg, err := v1.ParseConfigFile(bytes.NewReader(rawCfg))
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: config: %w", rec.Ref, err)
+	}
+	return m, cfg, nil
 }
 
 // readBlob reads a blob of the store and checks its digest.
@@ -405,28 +415,14 @@ func (s *Store) GC(ctx context.Context) (GCReport, error) {
 		if json.Unmarshal(data, &rec) != nil {
 			continue
 		}
-		h, err := v1.NewHash(rec.Digest)
-		if err != nil {
-			continue
+		if h, err := v1.NewHash(rec.Digest); err == nil {
+			keepBlobs[h.Hex] = true
 		}
-		keepBlobs[h.Hex] = true
-		raw, err := s.readBlob(h, maxManifest)
-		if err != nil {
-			continue
-		}
-		m, err := v1.ParseManifest(bytes.NewReader(raw))
-		if err != nil {
-			continue
+		m, cfg, err := s.manifestAndConfig(rec)
+		if err != nil { // delete nothing rather than what a name might still need
+			return rep, fmt.Errorf("not pruning: %w (remove the name first)", err)
 		}
 		keepBlobs[m.Config.Digest.Hex] = true
-		rawCfg, err := s.readBlob(m.Config.Digest, maxConfig)
-		if err != nil {
-			continue
-		}
-		cfg, err := v1.ParseConfigFile(bytes.NewReader(rawCfg))
-		if err != nil {
-			continue
-		}
 		for _, d := range cfg.RootFS.DiffIDs {
 			keepLayers[d.Hex] = true
 		}

@@ -312,3 +312,22 @@ func TestAStoppedPullDoesNotStopAnother(t *testing.T) {
 	_, err := s.Get(context.Background(), ref(t, r))
 	require.NoError(t, err)
 }
+
+// TestGCRefusesWhenANameCannotBeRead: a prune deletes nothing when it cannot tell what a name
+// needs.
+func TestGCRefusesWhenANameCannotBeRead(t *testing.T) {
+	reg := imagetest.Serve(t)
+	r := reg.Push(t, "g", "1", imagetest.Image(t, cfg, imagetest.Layer(t, imagetest.File("f", "f", 0o644))))
+	s := open(t, image.Options{Insecure: []string{reg.Host()}})
+	img, err := s.Pull(context.Background(), ref(t, r), nil)
+	require.NoError(t, err)
+	blob := filepath.Join(s.Dir(), "blobs", "sha256", strings.TrimPrefix(img.Digest, "sha256:"))
+	require.NoError(t, os.WriteFile(blob, []byte("{}"), 0o644)) // the manifest, damaged
+	_, err = s.GC(context.Background())
+	require.ErrorContains(t, err, "not pruning")
+	assert.DirExists(t, img.Layers[0])
+	require.NoError(t, s.Remove(context.Background(), ref(t, r)))
+	rep, err := s.GC(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, 1, rep.Layers)
+}
