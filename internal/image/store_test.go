@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -249,7 +250,7 @@ func TestIndexAndLayout(t *testing.T) {
 	other := imagetest.Image(t, v1.Config{Cmd: []string{"other"}}, imagetest.Layer(t, imagetest.File("f", "other", 0o644)))
 	idx := mutate.AppendManifests(empty.Index,
 		mutate.IndexAddendum{Add: other, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "s390x"}}},
-		mutate.IndexAddendum{Add: mine, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: runtimeArch()}}})
+		mutate.IndexAddendum{Add: mine, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: runtime.GOARCH}}})
 	r := reg.PushIndex(t, "idx", "1", idx)
 	s := open(t, image.Options{Insecure: []string{reg.Host()}})
 	img, err := s.Pull(context.Background(), ref(t, r), nil)

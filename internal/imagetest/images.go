@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -110,7 +111,7 @@ func Image(t testing.TB, cfg v1.Config, layers ...v1.Layer) v1.Image {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err = mutate.ConfigFile(img, &v1.ConfigFile{Architecture: goarch(), OS: "linux", Config: cfg,
+	img, err = mutate.ConfigFile(img, &v1.ConfigFile{Architecture: runtime.GOARCH, OS: "linux", Config: cfg,
 		RootFS: mustRootFS(t, img)})
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"path"
 	"strings"
 	"time"
@@ -67,7 +68,7 @@ const (
 func Apply(ctx context.Context, r io.Reader, dir string, lim Limits) (Stats, error) {
 	root, err := unix.Open(dir, openDirFlags, 0)
 	if err != nil {
-		return Stats{}, &pathError{"open", dir, err}
+		return Stats{}, &fs.PathError{Op: "open", Path: dir, Err: err}
 	}
 	defer unix.Close(root)
 	a := &applier{root: root, lim: lim, buf: make([]byte, copyChunkSize)}
@@ -93,16 +94,6 @@ func Apply(ctx context.Context, r io.Reader, dir string, lim Limits) (Stats, err
 	}
 	return a.st, a.dirTimes()
 }
-
-type pathError = unixPathError
-
-type unixPathError struct {
-	op, path string
-	err      error
-}
-
-func (e *unixPathError) Error() string { return e.op + " " + e.path + ": " + e.err.Error() }
-func (e *unixPathError) Unwrap() error { return e.err }
 
 type dirTime struct {
 	name string

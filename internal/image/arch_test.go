@@ -1,5 +1,0 @@
-package image_test
-
-import "runtime"
-
-func runtimeArch() string { return runtime.GOARCH }

@@ -1,5 +1,0 @@
-package imagetest
-
-import "runtime"
-
-func goarch() string { return runtime.GOARCH }
